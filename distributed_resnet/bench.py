@@ -1,0 +1,138 @@
+"""`python -m distributed_resnet.bench`: training throughput, side by side, measured in one run.
+
+Three ways to train the same ResNet on the same images with the same global batch:
+- `plain`: the loop a user writes by hand: one process, eager fp32, Adam, per-batch flip + shift;
+- `step`: the project's own epoch function (`loop.train_epoch`: bf16 + channels_last + fused Adam on CUDA), one process;
+- `ray`: the full Ray Train path (`run_training`, N workers, DDP), steady-state epochs, plus its wall time.
+Each prints images/s, seconds per 45,000-image epoch and the ratio to `plain`, and peak GPU memory on CUDA.
+Timing waits for the device (synchronize) before reading the clock, after warm-up steps.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augment import random_flip_shift, to_float
+from .cli import Parser, main_guard
+from .config import TrainConfig
+from .data import default_data_dir, load_cifar10
+from .loop import images_to_tensor, shard_order, train_epoch
+from .model import NUM_CLASSES, ResNet, param_groups
+
+EPOCH_IMAGES = 45_000  # CIFAR-10's training set less the 5,000 validation images
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_plain(images, labels, batch, device, steps, warmup) -> float:
+    """images/s of a hand-written eager fp32 loop."""
+    model = ResNet().to(device)
+    opt = torch.optim.Adam(param_groups(model, 1e-4), lr=1e-3)
+    x_all, y_all = images_to_tensor(images, device, False), torch.from_numpy(labels).to(device)
+    n = len(y_all)
+
+    def step(i):
+        idx = torch.randint(0, n, (batch,), device=device)
+        x = to_float(random_flip_shift(x_all[idx]))
+        loss = F.cross_entropy(model(x), F.one_hot(y_all[idx], NUM_CLASSES).float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    model.train()
+    for i in range(warmup):
+        step(i)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    _sync(device)
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def bench_step(images, labels, batch, device, steps, warmup, fast) -> float:
+    """images/s of the project's epoch function on one process."""
+    model = ResNet().to(device)
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(param_groups(model, 1e-4), lr=1e-3, eps=1e-7, fused=fast or None)
+    train = images_to_tensor(images, device, fast), torch.from_numpy(labels).to(device)
+    order = torch.from_numpy(shard_order(len(labels), 1, 0, 0, 0)).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    train_epoch(model, opt, train, order, batch, warmup, True, fast, gen)
+    _sync(device)
+    t0 = time.perf_counter()
+    train_epoch(model, opt, train, order, batch, steps, True, fast, gen)
+    _sync(device)
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def bench_ray(data_dir, workers, batch, samples, epochs, use_gpu) -> tuple[float, float]:
+    """(steady-state images/s of the last epoch, wall seconds of the whole run) for the Ray Train path."""
+    from .run import run_training
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(num_workers=workers, batch_size=batch, epochs=epochs, data_dir=data_dir,
+                          max_train_samples=samples, storage_path=tmp, name="bench", use_gpu=use_gpu, num_to_keep=1)
+        t0 = time.time()
+        results = run_training(cfg, quiet=True)
+        return results["history"][-1]["images_per_second"], time.time() - t0
+
+
+def main(argv=None) -> int:
+    p = Parser(prog="python -m distributed_resnet.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="fewer steps: a minute on a 2-core CPU")
+    p.add_argument("--data-dir", default=default_data_dir())
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: 2 on CPU, 1 on CUDA)")
+    p.add_argument("--output", default=None, help="also write the table as JSON here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cpu = device.type == "cpu"
+    workers = args.workers or (2 if cpu else 1)
+    TrainConfig(batch_size=args.batch_size, num_workers=workers).validate()
+    data = load_cifar10(args.data_dir)
+    images, labels = np.ascontiguousarray(data.train.images), data.train.labels
+    steps, warmup = (15, 3) if cpu and args.quick else (40, 5) if cpu else (100, 30) if args.quick else (300, 50)
+    ray_samples = min(len(labels), args.batch_size * steps)
+    ray_epochs = 2 if args.quick else 3
+    if cpu:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = []
+    print(f"device {torch.cuda.get_device_name(device) if not cpu else f'cpu ({torch.get_num_threads()} threads)'}, "
+          f"batch {args.batch_size}, {steps} timed steps", flush=True)
+    ips = bench_plain(images, labels, args.batch_size, device, steps, warmup)
+    rows.append(("plain eager PyTorch loop, 1 process", ips))
+    print(f"  plain: {ips:,.0f} img/s", flush=True)
+    ips = bench_step(images, labels, args.batch_size, device, steps, warmup, fast=not cpu)
+    rows.append(("project step, 1 process" + ("" if cpu else " (bf16, channels_last, fused Adam)"), ips))
+    print(f"  step: {ips:,.0f} img/s", flush=True)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if not cpu else None
+    ips, wall = bench_ray(args.data_dir, workers, args.batch_size, ray_samples, ray_epochs, not cpu)
+    rows.append((f"Ray Train path, {workers} worker{'s' if workers > 1 else ''} (last of {ray_epochs} epochs)", ips))
+    base = rows[0][1]
+    print(f"\n{'variant':<58} {'images/s':>10} {'s/epoch':>8} {'vs plain':>9}")
+    for name, ips in rows:
+        print(f"{name:<58} {ips:>10,.0f} {EPOCH_IMAGES / ips:>8.1f} {ips / base:>8.2f}x")
+    print(f"(s/epoch: {EPOCH_IMAGES:,} images; Ray run wall time incl. start-up: {wall:.1f}s for "
+          f"{ray_epochs} x {ray_samples} images{f'; peak GPU memory {peak:.2f} GiB' if peak else ''})")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"device": args.device, "batch_size": args.batch_size, "workers": workers,
+                       "rows": [{"variant": n, "images_per_second": i} for n, i in rows],
+                       "ray_wall_seconds": wall, "peak_gpu_gib": peak}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,77 @@
+"""Shared command-line plumbing: the training flags (one per TrainConfig field) and one-line user errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from .config import TrainConfig, UserError
+from .data import default_data_dir
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line on stderr (exit 2), not usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def main_guard(main) -> None:
+    """Run `main()`; a UserError becomes `error: ...` on stderr and exit code 2, with no traceback."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        code = main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: checkpoints written so far are kept; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    g = p.add_argument_group("model")
+    g.add_argument("--depth", type=int, default=d.depth, help="6n+2 for v1, 9n+2 for v2 (default %(default)s)")
+    g.add_argument("--version", type=int, default=d.version, choices=(1, 2), help="ResNet v1 or v2 (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 on conv kernels (default %(default)g)")
+    g = p.add_argument_group("recipe")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="(default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, split over workers (default %(default)s)")
+    g.add_argument("--per-worker-batch-size", type=int, default=None,
+                   help="keep this batch per worker instead; the global batch grows with the workers")
+    g.add_argument("--lr", type=float, default=d.lr, help="initial Adam LR (default %(default)g)")
+    g.add_argument("--lr-policy", choices=("keras", "compose"), default=d.lr_policy,
+                   help="keras: the step schedule overrides plateau cuts, as the reference; compose: cuts persist")
+    g.add_argument("--plateau-factor", type=float, default=d.plateau_factor, help="(default sqrt(0.1))")
+    g.add_argument("--plateau-patience", type=int, default=d.plateau_patience, help="epochs (default %(default)s)")
+    g.add_argument("--plateau-min-lr", type=float, default=d.plateau_min_lr, help="(default %(default)g)")
+    g.add_argument("--plateau-cooldown", type=int, default=d.plateau_cooldown, help="epochs (default %(default)s)")
+    g.add_argument("--no-augment", dest="augment", action="store_false", help="turn off flip + shift augmentation")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=default_data_dir(),
+                   help="CIFAR-10 as Parquet or cifar-10-batches-py (default: $CIFAR10_DIR, else ./data)")
+    g.add_argument("--download", action="store_true", help="fetch CIFAR-10 with torchvision if --data-dir has none")
+    g.add_argument("--val-size", type=int, default=None,
+                   help="training images held out for validation (default 10%%: 5000); 0 validates on test")
+    g.add_argument("--max-train-samples", type=int, default=None, metavar="K", help="train on K images only")
+    g = p.add_argument_group("Ray")
+    g.add_argument("--num-workers", type=int, default=d.num_workers, help="0 runs in this process (default %(default)s)")
+    g.add_argument("--gpu", dest="use_gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="one GPU per worker (default: when the cluster has GPUs)")
+    g.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker)
+    g.add_argument("--max-failures", type=int, default=d.max_failures, help="worker restarts (default %(default)s)")
+    g.add_argument("--storage-path", default=d.storage_path, help="local folder or s3:// URI (default %(default)s)")
+    g.add_argument("--name", default=None, help="run folder name (default resnet<depth>v<version>_<time>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --storage-path/--name")
+    g.add_argument("--num-to-keep", type=int, default=d.num_to_keep, help="checkpoints kept (default %(default)s)")
+    g.add_argument("--no-fast", dest="fast", action="store_false",
+                   help="on GPU: plain fp32 eager steps instead of bf16 + channels_last + fused Adam")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})

@@ -1,0 +1,84 @@
+"""`python -m distributed_resnet.evaluate --checkpoint PATH`: test and per-class accuracy of a saved model.
+
+Rebuilds the model the checkpoint describes, predicts the whole test set in eval mode (the same `predict`
+the training loop uses), prints overall and per-class accuracy, and writes them as JSON (`--output`) with
+a confusion-matrix PNG beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .cli import Parser, main_guard
+from .config import UserError
+from .data import CLASSES, default_data_dir
+
+
+def evaluate_checkpoint(checkpoint: str, data_dir: str, batch: int = 1000, device: str | None = None) -> dict:
+    import numpy as np
+    import torch
+
+    from . import checkpoint as ckpt
+    from .data import load_arrays
+    from .loop import images_to_tensor, predict
+    from .model import ResNet
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    state = ckpt.load(checkpoint, map_location=dev)
+    meta = state["meta"]
+    model = ResNet(meta["depth"], meta["version"]).to(dev)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UserError(f"{checkpoint} does not fit ResNet-{meta['depth']} v{meta['version']}: {str(e).splitlines()[0]}")
+    fast = dev.type == "cuda" and meta["config"].get("fast", True)
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+    _, test, source = load_arrays(data_dir)
+    images = images_to_tensor(test.images, dev, fast)
+    pred = predict(model, images, batch, fast).argmax(1).cpu().numpy()
+    labels = np.asarray(test.labels)
+    matrix = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
+    np.add.at(matrix, (labels, pred), 1)
+    per_class = matrix.diagonal() / matrix.sum(1)
+    return {
+        "checkpoint": str(checkpoint), "data": source, "epoch": meta["epoch"], "depth": meta["depth"],
+        "version": meta["version"], "test_images": int(len(labels)),
+        "test_accuracy": float((pred == labels).mean()),
+        "per_class_accuracy": {c: float(a) for c, a in zip(CLASSES, per_class)},
+        "confusion_matrix": matrix.tolist(),
+        "reported_test_accuracy": meta["metrics"].get("test_accuracy"),
+    }
+
+
+def main(argv=None) -> int:
+    p = Parser(prog="python -m distributed_resnet.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a checkpoint_epoch_NNNN folder (or its checkpoint.pt)")
+    p.add_argument("--data-dir", default=default_data_dir(), help="CIFAR-10 (default: $CIFAR10_DIR, else ./data)")
+    p.add_argument("--output", default=None, help="write the results as JSON here (confusion PNG beside it)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = p.parse_args(argv)
+    from .report import confusion_png
+
+    r = evaluate_checkpoint(args.checkpoint, args.data_dir, device=args.device)
+    print(f"checkpoint {r['checkpoint']} (ResNet-{r['depth']} v{r['version']}, epoch {r['epoch']}) on "
+          f"{r['test_images']:,} test images from {r['data']}")
+    print(f"test accuracy {100 * r['test_accuracy']:.2f}%")
+    for c, a in r["per_class_accuracy"].items():
+        print(f"  {c:<11} {100 * a:6.2f}%")
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(r, indent=1))
+        png = out.with_name(out.stem + "_confusion.png")
+        import numpy as np
+
+        png.write_bytes(confusion_png(np.array(r["confusion_matrix"]), CLASSES,
+                                      f"test accuracy {100 * r['test_accuracy']:.2f}% (epoch {r['epoch']})"))
+        print(f"wrote {out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,149 @@
+"""ResNet v1 and v2 for CIFAR-10, layer for layer as in the Keras reference (`examples/cifar10_resnet.py`).
+
+Pure PyTorch, no Ray. Differences from Keras that are conventions rather than choices:
+- the model returns logits; softmax lives in the loss (`F.cross_entropy` with one-hot targets is exactly
+  softmax + categorical cross-entropy) and in `predict_proba`;
+- a 3x3 stride-2 conv pads 1 pixel on each side (PyTorch) where TensorFlow's 'same' pads only the far side:
+  same output size, sampling grid aligned with the 1x1 stride-2 shortcut;
+- BatchNorm keeps Keras' settings (momentum 0.99 -> PyTorch momentum 0.01, epsilon 1e-3).
+The L2 penalty on conv kernels is applied by the optimizer (see `param_groups`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+NUM_CLASSES = 10
+
+
+class ResnetLayer(nn.Module):
+    """Keras `resnet_layer`: Conv2D -> BN -> ReLU (`conv_first=True`), or BN -> ReLU -> Conv2D (v2)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1,
+                 activation: bool = True, batch_norm: bool = True, conv_first: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=True)
+        self.conv_first = conv_first
+        bn_ch = out_ch if conv_first else in_ch
+        self.bn = nn.BatchNorm2d(bn_ch, eps=1e-3, momentum=0.01) if batch_norm else nn.Identity()
+        self.act = nn.ReLU(inplace=True) if activation else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv_first:
+            return self.act(self.bn(self.conv(x)))
+        return self.conv(self.act(self.bn(x)))
+
+
+class BasicBlock(nn.Module):
+    """v1 block: two 3x3 layers; at a stage's first block a 1x1 strided conv (no BN) projects the shortcut."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.conv1 = ResnetLayer(in_ch, out_ch, stride=stride)
+        self.conv2 = ResnetLayer(out_ch, out_ch, activation=False)
+        self.shortcut = (ResnetLayer(in_ch, out_ch, kernel_size=1, stride=stride, activation=False, batch_norm=False)
+                         if stride != 1 or in_ch != out_ch else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.shortcut(x) + self.conv2(self.conv1(x)))
+
+
+class BottleneckBlock(nn.Module):
+    """v2 block: pre-activation 1x1 -> 3x3 -> 1x1; no ReLU after the addition (He et al. 2016b)."""
+
+    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, stride: int, first_of_net: bool):
+        super().__init__()
+        # The net's very first block skips BN-ReLU: the stem just applied them.
+        self.conv1 = ResnetLayer(in_ch, mid_ch, kernel_size=1, stride=stride, conv_first=False,
+                                 activation=not first_of_net, batch_norm=not first_of_net)
+        self.conv2 = ResnetLayer(mid_ch, mid_ch, conv_first=False)
+        self.conv3 = ResnetLayer(mid_ch, out_ch, kernel_size=1, conv_first=False)
+        self.shortcut = (ResnetLayer(in_ch, out_ch, kernel_size=1, stride=stride, activation=False, batch_norm=False)
+                         if stride != 1 or in_ch != out_ch else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(x) + self.conv3(self.conv2(self.conv1(x)))
+
+
+class ResNet(nn.Module):
+    """ResNet v1 (depth 6n+2, 16/32/64 filters) or v2 (depth 9n+2, bottleneck 16->64/128/256)."""
+
+    def __init__(self, depth: int = 20, version: int = 1, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.depth, self.version = depth, version
+        blocks: list[nn.Module] = []
+        if version == 1:
+            if (depth - 2) % 6:
+                raise ValueError(f"ResNet v1 depth must be 6n+2, got {depth}")
+            n = (depth - 2) // 6
+            self.stem = ResnetLayer(3, 16)
+            in_ch = 16
+            for stage, out_ch in enumerate((16, 32, 64)):
+                for b in range(n):
+                    stride = 2 if stage > 0 and b == 0 else 1
+                    blocks.append(BasicBlock(in_ch, out_ch, stride))
+                    in_ch = out_ch
+            self.head_norm = nn.Identity()
+        elif version == 2:
+            if (depth - 2) % 9:
+                raise ValueError(f"ResNet v2 depth must be 9n+2, got {depth}")
+            n = (depth - 2) // 9
+            self.stem = ResnetLayer(3, 16)
+            in_ch = 16
+            for stage in range(3):
+                mid_ch = 16 * 2 ** stage
+                out_ch = mid_ch * 4
+                for b in range(n):
+                    stride = 2 if stage > 0 and b == 0 else 1
+                    blocks.append(BottleneckBlock(in_ch, mid_ch, out_ch, stride, first_of_net=stage == 0 and b == 0))
+                    in_ch = out_ch
+            self.head_norm = nn.Sequential(nn.BatchNorm2d(in_ch, eps=1e-3, momentum=0.01), nn.ReLU(inplace=True))
+        else:
+            raise ValueError(f"version must be 1 or 2, got {version}")
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(in_ch, num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Keras' he_normal: truncated normal (2 sigma), std sqrt(2 / fan_in) / 0.8796; biases zero."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                std = math.sqrt(2.0 / fan_in) / 0.87962566103423978
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head_norm(self.blocks(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))  # AveragePooling2D(8) on 8x8 maps
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self(x), dim=1)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split parameters so that only conv kernels carry the L2 penalty, as Keras' kernel_regularizer does.
+
+    Keras adds `weight_decay * sum(w**2)` to the loss, whose gradient is `2 * weight_decay * w`. Adam's
+    `weight_decay` argument adds `wd * w` to the gradient before the moment updates (coupled L2, not AdamW),
+    so `wd = 2 * weight_decay` on the conv kernels gives exactly the reference's gradient, without computing
+    the penalty every step. `tests/test_model.py` checks the two are equal.
+    """
+    kernels = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    kernel_ids = {id(p) for p in kernels}
+    rest = [p for p in model.parameters() if id(p) not in kernel_ids]
+    return [{"params": kernels, "weight_decay": 2 * weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def l2_penalty(model: nn.Module, weight_decay: float) -> torch.Tensor:
+    """The reference's regularisation loss term (for tests and reporting; training uses `param_groups`)."""
+    return weight_decay * sum((m.weight ** 2).sum() for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

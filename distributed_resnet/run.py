@@ -1,0 +1,222 @@
+"""The driver side of a training run: checks, data, Ray, `TorchTrainer.fit()`, and the results it leaves.
+
+`run_training(cfg)` is what `python -m distributed_resnet.train` calls and what a Tune trial calls (with
+`in_tune=True`): every user error is raised as `UserError` before the first worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, UserError
+from .data import Cifar10, load_cifar10
+from .loop import train_loop_per_worker
+from .report import ProgressPrinter, QueueDrain, curves_png, summary_lines
+
+
+def default_name(cfg: TrainConfig) -> str:
+    return f"resnet{cfg.depth}v{cfg.version}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def storage_root(storage_path: str) -> str:
+    """Ray wants an absolute local path or a URI."""
+    return storage_path if "://" in storage_path else os.path.abspath(os.path.expanduser(storage_path))
+
+
+def quiet_ray_logs(verbose: bool = False) -> None:
+    """Ray's INFO chatter off unless --verbose: the driver prints its own one line per epoch."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not verbose:
+        logging.getLogger("ray").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module="ray")
+
+
+def init_ray(address: str | None = None, verbose: bool = False) -> None:
+    """Start (or join) Ray with the workers' log stream off: the driver prints progress itself."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    quiet_ray_logs(verbose)
+    ray.init(address=address, log_to_driver=verbose, include_dashboard=False,
+             logging_level=logging.INFO if verbose else logging.ERROR,
+             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}} if not verbose else None)
+
+
+def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str]:
+    """Validate, name the run, and guard its folder: returns (cfg with name set, storage root, run path)."""
+    cfg.validate()
+    if not cfg.name:
+        cfg.name = default_name(cfg)
+    if "/" in cfg.name or cfg.name in (".", ".."):
+        raise UserError(f"--name {cfg.name!r} must be a plain folder name")
+    root = storage_root(cfg.storage_path)
+    run_path = f"{root.rstrip('/')}/{cfg.name}"
+    if "://" not in root:
+        ckpt.writable_or_error(root)
+        exists = os.path.isdir(run_path) and any(os.scandir(run_path))
+        if exists and not cfg.resume:
+            raise UserError(f"run folder {run_path} already exists; add --resume to continue it or choose another --name")
+        if cfg.resume and not exists:
+            raise UserError(f"nothing to resume at {run_path}; drop --resume to start a new run there")
+        latest = ckpt.latest_in(run_path) if exists else None
+        if latest is not None:
+            ckpt.check_compatible(ckpt.read_meta(latest), cfg.depth, cfg.version, str(latest))
+    return cfg, root, run_path
+
+
+def load_data(cfg: TrainConfig) -> Cifar10:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_cifar10(cfg.data_dir, cfg.val_size, cfg.max_train_samples, cfg.seed, cfg.download)
+    for w in caught:
+        print(f"warning: {w.message}", flush=True)
+    return data
+
+
+def data_refs(data: Cifar10, put) -> dict:
+    """The arrays as one dict; `put` is `ray.put` (shared through the object store) or the identity."""
+    refs = {f"{name}_{kind}": put(np.ascontiguousarray(getattr(getattr(data, name), kind)))
+            for name in ("train", "test") for kind in ("images", "labels")}
+    if data.val_is_test:
+        refs["val_images"], refs["val_labels"] = refs["test_images"], refs["test_labels"]
+    else:
+        refs["val_images"], refs["val_labels"] = (put(np.ascontiguousarray(data.val.images)),
+                                                  put(np.ascontiguousarray(data.val.labels)))
+    return refs
+
+
+def build_trainer(cfg: TrainConfig, root: str, loop_config: dict, callbacks=None):
+    """The project's TorchTrainer: one place for scaling, failure and checkpoint policy."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = cfg.use_gpu
+    if use_gpu is None:
+        use_gpu = cfg.num_workers > 0 and ray.cluster_resources().get("GPU", 0) >= 1
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources if cfg.num_workers else None),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=root, callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep, checkpoint_score_attribute="val_accuracy",
+                                               checkpoint_score_order="max"),
+        ),
+    )
+
+
+def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = False, quiet: bool = False) -> dict:
+    """Train, then write results.json and curves.png into the run folder; returns the results dict."""
+    import ray
+
+    cfg, root, run_path = prepare_run(cfg)
+    quiet_ray_logs(verbose)
+    t0 = time.time()
+    data = load_data(cfg)
+    local = cfg.num_workers == 0
+    printer = ProgressPrinter(cfg.epochs, stream=open(os.devnull, "w") if quiet else None)
+    if not quiet:
+        print(f"run {cfg.name}: ResNet-{cfg.depth} v{cfg.version}, {len(data.train):,} train / {len(data.val):,} "
+              f"{'test (as val)' if data.val_is_test else 'val'} / {len(data.test):,} test images from {data.source}, "
+              f"{cfg.num_workers} worker{'s' if cfg.num_workers != 1 else ''}, batch {cfg.global_batch_size}, "
+              f"lr {cfg.lr:g} ({cfg.lr_policy}); folder {run_path}", flush=True)
+    if local:
+        os.makedirs(run_path, exist_ok=True)
+        loop_config = {"config": cfg.to_dict(), "data": data_refs(data, lambda a: a), "val_is_test": data.val_is_test,
+                       "local_run_dir": run_path, "progress": printer}
+        result = build_trainer(cfg, root, loop_config).fit()
+    else:
+        from ray.util.queue import Queue
+
+        init_ray(address, verbose)
+        queue = Queue(actor_options={"num_cpus": 0})
+        loop_config = {"config": cfg.to_dict(), "data": data_refs(data, ray.put), "val_is_test": data.val_is_test,
+                       "progress": queue}
+        trainer = build_trainer(cfg, root, loop_config)
+        try:
+            with QueueDrain(queue, printer):
+                result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise RuntimeError(f"training failed after {cfg.max_failures} restart(s): {e}\n"
+                               f"the checkpoints so far are in {run_path}: continue with --resume") from e
+    results = summarize(cfg, result, run_path, time.time() - t0, data.val_is_test)
+    write_outputs(run_path, results)
+    if not quiet:
+        for line in summary_lines(results):
+            print(line, flush=True)
+        print(f"results: {run_path}/results.json, curves: {run_path}/curves.png", flush=True)
+    return results
+
+
+def best_checkpoint(result, local_best: str | None) -> tuple[str | None, dict | None]:
+    """(path, metrics) of the retained checkpoint with the highest val accuracy (earliest on ties)."""
+    if local_best:
+        meta = ckpt.read_meta(local_best)
+        return local_best, meta["metrics"]
+    if not result.best_checkpoints:
+        return None, None
+    best, metrics = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_accuracy"], -cm[1]["epoch"]))
+    return best.path, metrics
+
+
+def summarize(cfg: TrainConfig, result, run_path: str, wall_seconds: float, val_is_test: bool) -> dict:
+    ret = result.return_value or {}
+    history = ret.get("history", [])
+    path, best = best_checkpoint(result, ret.get("local_best"))
+    train_seconds = sum(h["train_seconds"] for h in history)
+
+    return {
+        "test_accuracy": best["test_accuracy"] if best else None,
+        "final_test_accuracy": history[-1]["test_accuracy"] if history else None,
+        "best_val_accuracy": best["val_accuracy"] if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "epochs": len(history),
+        "num_workers": cfg.num_workers,
+        "device": ret.get("device", "unknown"),
+        "wall_seconds": wall_seconds,
+        "train_images_per_second": (sum(h["images_per_second"] * h["train_seconds"] for h in history) / train_seconds
+                                    if train_seconds else None),
+        "parameters": ret.get("parameters"),
+        "config": cfg.to_dict(),
+        "best_checkpoint": path,
+        "restarts": ret.get("restarts", []),
+        "worker_nodes": ret.get("worker_nodes", []),
+        "stopped": ret.get("stopped"),
+        "val_is_test": val_is_test,
+        "lr_cuts": [h["epoch"] for h in history if h.get("lr_cut")],
+        "run_path": run_path,
+        "history": history,
+    }
+
+
+def write_outputs(run_path: str, results: dict) -> None:
+    write_file(run_path, "results.json", json.dumps(results, indent=1).encode())
+    if results["history"]:
+        write_file(run_path, "curves.png", curves_png(results["history"]))
+
+
+def write_file(folder: str, name: str, payload: bytes) -> None:
+    """Write into a local folder or remote storage (s3://...) through pyarrow's filesystems, as Ray does."""
+    if "://" not in folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / name).write_bytes(payload)
+        return
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(folder)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{name}") as f:
+        f.write(payload)

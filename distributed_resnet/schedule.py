@@ -1,0 +1,87 @@
+"""The reference's learning-rate policy: a step schedule by epoch times Keras' ReduceLROnPlateau.
+
+In Keras, `LearningRateScheduler` sets the LR from the schedule at the start of every epoch, so a cut that
+`ReduceLROnPlateau` makes at the end of an epoch is overwritten before it acts (see anchors.md). Two
+policies therefore:
+- "keras": the LR is the schedule alone; the plateau monitor still runs, and its (ineffective) cuts are logged.
+- "compose": each plateau cut persists as a multiplier on the schedule, which is what the recipe meant.
+Pure Python, no torch: the state is a small dict that goes into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+# (first 0-based epoch of the step, multiplier of the initial LR), from the reference's lr_schedule():
+# `if epoch > 180: lr *= 0.5e-3 elif epoch > 160: lr *= 1e-3 elif epoch > 120: lr *= 1e-2 elif epoch > 80: lr *= 1e-1`
+STEPS = ((181, 0.5e-3), (161, 1e-3), (121, 1e-2), (81, 1e-1))
+
+
+def step_schedule(epoch: int, base_lr: float) -> float:
+    """LR for 0-based `epoch` (Keras passes the 0-based index to the schedule)."""
+    for first_epoch, factor in STEPS:
+        if epoch >= first_epoch:
+            return base_lr * factor
+    return base_lr
+
+
+@dataclass
+class PlateauState:
+    best: float = math.inf
+    wait: int = 0
+    cooldown_counter: int = 0
+    multiplier: float = 1.0  # only "compose" uses it
+    cuts: list[int] = field(default_factory=list)  # 1-based epochs at whose end a cut was made
+
+
+class LRPolicy:
+    """`lr(epoch)` before each epoch, `end_epoch(epoch, val_loss)` after it; `state_dict` for checkpoints."""
+
+    def __init__(self, base_lr: float, policy: str = "keras", factor: float = math.sqrt(0.1), patience: int = 5,
+                 min_lr: float = 0.5e-6, cooldown: int = 0, min_delta: float = 1e-4):
+        if policy not in ("keras", "compose"):
+            raise ValueError(f"policy must be 'keras' or 'compose', got {policy!r}")
+        self.base_lr, self.policy = base_lr, policy
+        self.factor, self.patience, self.min_lr = factor, patience, min_lr
+        self.cooldown, self.min_delta = cooldown, min_delta
+        self.state = PlateauState()
+
+    @classmethod
+    def from_config(cls, cfg) -> "LRPolicy":
+        return cls(cfg.lr, cfg.lr_policy, cfg.plateau_factor, cfg.plateau_patience, cfg.plateau_min_lr,
+                   cfg.plateau_cooldown, cfg.plateau_min_delta)
+
+    def lr(self, epoch: int) -> float:
+        scheduled = step_schedule(epoch, self.base_lr)
+        return scheduled * self.state.multiplier if self.policy == "compose" else scheduled
+
+    def end_epoch(self, epoch: int, monitored: float) -> bool:
+        """Keras' ReduceLROnPlateau.on_epoch_end on the monitored loss; True when it cut the LR."""
+        s = self.state
+        if s.cooldown_counter > 0:
+            s.cooldown_counter -= 1
+            s.wait = 0
+        if monitored < s.best - self.min_delta:
+            s.best, s.wait = monitored, 0
+            return False
+        if s.cooldown_counter > 0:
+            return False
+        s.wait += 1
+        if s.wait < self.patience:
+            return False
+        current = self.lr(epoch)
+        if current <= self.min_lr:
+            return False
+        new = max(current * self.factor, self.min_lr)
+        if self.policy == "compose":
+            s.multiplier *= new / current
+        s.cooldown_counter, s.wait = self.cooldown, 0
+        s.cuts.append(epoch + 1)
+        return True
+
+    def state_dict(self) -> dict:
+        return asdict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = PlateauState(**state)

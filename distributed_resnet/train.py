@@ -1,0 +1,24 @@
+"""`python -m distributed_resnet.train`: train ResNet on CIFAR-10 with Ray Train (see --help)."""
+
+from __future__ import annotations
+
+from .cli import Parser, add_train_args, config_from_args, main_guard
+
+
+def main(argv=None) -> int:
+    p = Parser(prog="python -m distributed_resnet.train",
+               description="Train ResNet-20 (or any 6n+2 / 9n+2 depth) on CIFAR-10 with the Keras reference recipe, "
+                           "data-parallel over Ray Train workers.")
+    add_train_args(p)
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args).validate()  # before the slow imports of torch and Ray
+    from .run import run_training
+
+    results = run_training(cfg, address=args.address, verbose=args.verbose)
+    return 1 if results["stopped"] or results["best_checkpoint"] is None else 0
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,54 @@
+"""Shared fixtures: the real CIFAR-10 (from $CIFAR10_DIR, else ../shared/cifar10), a private decode cache, Ray."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10_DIR = Path(os.environ.get("CIFAR10_DIR", REPO.parent / "shared" / "cifar10"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Decoded arrays go to a per-session folder: each test session decodes the Parquet files itself."""
+    folder = tmp_path_factory.mktemp("decode_cache")
+    os.environ["DISTRIBUTED_RESNET_CACHE"] = str(folder)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    if not (CIFAR10_DIR / "plain_text").is_dir():
+        pytest.skip(f"real CIFAR-10 not found at {CIFAR10_DIR}: set CIFAR10_DIR")
+    return CIFAR10_DIR
+
+
+@pytest.fixture(scope="session")
+def mini_dir(cifar_root) -> str:
+    return str(cifar_root / "mini")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs, as this machine) for the in-process Ray tests."""
+    import ray
+
+    from distributed_resnet.run import init_ray
+
+    init_ray()
+    yield ray
+    ray.shutdown()
+
+
+def run_cli(module: str, *args: str, env: dict | None = None, timeout: float = 600, cwd=None):
+    """Run `python -m distributed_resnet.<module> args` as a user would; returns CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", f"distributed_resnet.{module}", *args], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, cwd=cwd or REPO)

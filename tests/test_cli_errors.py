@@ -1,0 +1,56 @@
+"""Bad input: exit code 2 and exactly one line on stderr, no traceback."""
+
+import pytest
+
+from conftest import run_cli
+
+
+def _one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in lines[0]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--depth", "21"], "--depth 21 is not 6n+2"),
+    (["--epochs", "-3"], "--epochs must be a positive integer"),
+    (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["--lr-policy", "nope"], "invalid choice"),
+    (["--batch-size", "128", "--num-workers", "3"], "does not split evenly"),
+])
+def test_bad_flags(args, fragment, tmp_path):
+    _one_line_error(run_cli("train", *args, "--storage-path", str(tmp_path)), fragment)
+
+
+def test_missing_data_set(tmp_path):
+    proc = run_cli("train", "--data-dir", str(tmp_path / "empty"), "--storage-path", str(tmp_path), "--name", "x")
+    _one_line_error(proc, "no CIFAR-10 found in", "--download")
+
+
+def test_existing_run_folder_needs_resume(tmp_path, mini_dir):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "results.json").write_text("{}")
+    proc = run_cli("train", "--data-dir", mini_dir, "--storage-path", str(tmp_path), "--name", "taken")
+    _one_line_error(proc, "already exists", "--resume")
+    assert (tmp_path / "taken" / "results.json").read_text() == "{}"  # nothing lost
+
+
+def test_resume_without_a_run(tmp_path, mini_dir):
+    proc = run_cli("train", "--data-dir", mini_dir, "--storage-path", str(tmp_path), "--name", "new", "--resume")
+    _one_line_error(proc, "nothing to resume")
+
+
+def test_unwritable_storage_is_reported_before_training(tmp_path, mini_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    proc = run_cli("train", "--data-dir", mini_dir, "--storage-path", str(blocker / "runs"), "--name", "x")
+    _one_line_error(proc, "cannot write to storage path")
+
+
+def test_evaluate_bad_checkpoint(tmp_path, mini_dir):
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    _one_line_error(run_cli("evaluate", "--checkpoint", str(tmp_path), "--data-dir", mini_dir), "not a readable checkpoint")
+    _one_line_error(run_cli("evaluate", "--checkpoint", str(tmp_path / "none"), "--data-dir", mini_dir), "no checkpoint at")

@@ -1,0 +1,40 @@
+import pytest
+
+from distributed_resnet.config import TrainConfig, UserError
+
+
+def test_defaults_are_the_reference_recipe():
+    c = TrainConfig().validate()
+    assert (c.depth, c.version, c.epochs, c.batch_size, c.lr, c.lr_policy) == (20, 1, 200, 128, 1e-3, "keras")
+    assert c.plateau_factor == pytest.approx(0.1 ** 0.5) and c.plateau_patience == 5 and c.plateau_min_lr == 0.5e-6
+    assert c.weight_decay == 1e-4
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"depth": 21}, "--depth 21 is not 6n\\+2 for ResNet v1; try 20 or 26"),
+    ({"depth": 20, "version": 3}, "--version must be 1 or 2"),
+    ({"depth": 32, "version": 2}, "9n\\+2"),
+    ({"epochs": -3}, "--epochs must be a positive integer, got -3"),
+    ({"batch_size": 0}, "--batch-size must be a positive integer"),
+    ({"lr": 0.0}, "--lr must be a positive number"),
+    ({"lr_policy": "cosine"}, "--lr-policy must be"),
+    ({"plateau_factor": 1.5}, "--plateau-factor must be in"),
+    ({"num_workers": -1}, "--num-workers must be >= 0"),
+    ({"val_size": -5}, "--val-size must be >= 0"),
+    ({"batch_size": 128, "num_workers": 3}, "does not split evenly over 3 workers"),
+])
+def test_invalid_values_are_one_line_user_errors(kwargs, message):
+    with pytest.raises(UserError, match=message) as e:
+        TrainConfig(**kwargs).validate()
+    assert "\n" not in str(e.value)
+
+
+def test_per_worker_batch_scales_global_batch():
+    assert TrainConfig(per_worker_batch_size=64, num_workers=4).validate().global_batch_size == 256
+    assert TrainConfig(batch_size=128, num_workers=4).global_batch_size == 128
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(UserError, match="unknown training setting\\(s\\) lr_sheduler"):
+        TrainConfig.from_dict({"lr": 1e-3, "lr_sheduler": "x"})
+    assert TrainConfig.from_dict(TrainConfig(lr=2e-3).to_dict()).lr == 2e-3
