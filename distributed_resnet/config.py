@@ -48,6 +48,7 @@ class TrainConfig:
     num_workers: int = 1  # 0 runs the loop in the driver process (Ray Train local mode)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction lets several Tune trials share one GPU
     max_failures: int = 2  # worker-group restarts, each resuming from the latest checkpoint
     storage_path: str = "~/ray_results"  # Ray's convention; an s3:// URI on a cluster
     name: str | None = None  # run folder under storage_path; default resnet{depth}v{version}_{time}
@@ -57,6 +58,7 @@ class TrainConfig:
     # --- speed (each on by default where it helps: see the README's speed section) ---
     fast: bool = True  # on CUDA: bf16 autocast, channels_last, fused Adam, CUDA-graph step
     eval_batch_size: int = 1000
+    report_test: bool = True  # test accuracy every epoch; Tune trials turn it off (test is for the final pick only)
 
     @property
     def global_batch_size(self) -> int:
@@ -77,6 +79,8 @@ class TrainConfig:
         _positive(epochs=self.epochs, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                   cpus_per_worker=self.cpus_per_worker, num_to_keep=self.num_to_keep)
         _positive_float(lr=self.lr, adam_eps=self.adam_eps, plateau_min_lr=self.plateau_min_lr)
+        if not 0 < self.gpus_per_worker <= 8 and self.use_gpu:
+            raise UserError(f"--gpus-per-worker must be in (0, 8], got {self.gpus_per_worker}")
         if self.weight_decay < 0:
             raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.per_worker_batch_size is not None:

@@ -86,6 +86,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         val_loss, val_acc = _all_reduce_means(evaluate(model, *splits["val"], cfg.eval_batch_size, fast, rank, world), world)
         if val_is_test:
             test_loss, test_acc = val_loss, val_acc
+        elif not cfg.report_test:
+            test_loss = test_acc = None
         else:
             test_loss, test_acc = _all_reduce_means(evaluate(model, *splits["test"], cfg.eval_batch_size, fast, rank, world), world)
         cut = policy.end_epoch(epoch, val_loss)

@@ -37,9 +37,13 @@ class ProgressPrinter:
         cut = " (plateau cut)" if m.get("lr_cut") else ""
         print(f"{self.label}epoch {m['epoch']:>{len(str(self.epochs))}}/{self.epochs}  lr {m['lr']:.2e}  "
               f"loss {m['train_loss']:.4f}  train {100 * m['train_accuracy']:5.2f}%  "
-              f"val {100 * m['val_accuracy']:5.2f}%  test {100 * m['test_accuracy']:5.2f}%  "
+              f"val {100 * m['val_accuracy']:5.2f}%  {_test(m)}"
               f"{m['images_per_second']:,.0f} img/s  {m['epoch_seconds']:.1f}s  ETA {fmt_duration(eta)}{cut}",
               file=self.stream, flush=True)
+
+
+def _test(m: dict) -> str:
+    return "" if m.get("test_accuracy") is None else f"test {100 * m['test_accuracy']:5.2f}%  "
 
 
 class QueueDrain:

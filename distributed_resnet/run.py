@@ -39,14 +39,18 @@ def quiet_ray_logs(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", module="ray")
 
 
-def init_ray(address: str | None = None, verbose: bool = False) -> None:
-    """Start (or join) Ray with the workers' log stream off: the driver prints progress itself."""
+def init_ray(address: str | None = None, verbose: bool = False, extra_cpus: float = 0) -> None:
+    """Start (or join) Ray with the workers' log stream off: the driver prints progress itself.
+
+    `extra_cpus` adds logical CPUs to a local cluster for processes that only wait (Tune's trial drivers).
+    """
     import ray
 
     if ray.is_initialized():
         return
     quiet_ray_logs(verbose)
-    ray.init(address=address, log_to_driver=verbose, include_dashboard=False,
+    num_cpus = None if address or not extra_cpus else os.cpu_count() + extra_cpus
+    ray.init(address=address, num_cpus=num_cpus, log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.ERROR,
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}} if not verbose else None)
 
@@ -103,7 +107,7 @@ def build_trainer(cfg: TrainConfig, root: str, loop_config: dict, callbacks=None
     use_gpu = cfg.use_gpu
     if use_gpu is None:
         use_gpu = cfg.num_workers > 0 and ray.cluster_resources().get("GPU", 0) >= 1
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
