@@ -1,0 +1,130 @@
+"""Faults injected into real runs: a killed worker, a killed driver, a NaN loss, a second Ray node."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO, run_cli
+
+SMALL = ["--max-train-samples", "256", "--val-size", "100"]
+
+
+def start_train(tmp_path, mini_dir, name, epochs, *extra):
+    cmd = [sys.executable, "-m", "distributed_resnet.train", "--num-workers", "2", "--epochs", str(epochs),
+           "--data-dir", mini_dir, "--storage-path", str(tmp_path), "--name", name, *SMALL, *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def read_until_epoch(proc, epoch: int) -> str:
+    """Read the run's output until it has printed `epoch`, then give Ray a second to register its checkpoint."""
+    seen = ""
+    for line in proc.stdout:
+        seen += line
+        if re.match(rf"epoch +{epoch}/", line):
+            time.sleep(1.0)
+            return seen
+    raise AssertionError(f"run ended before epoch {epoch}:\n{seen}")
+
+
+def train_workers():
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].startswith("ray::RayTrainWorker"):
+            found.append(p)
+    return found
+
+
+def printed_epochs(stdout: str) -> list[int]:
+    return [int(m.group(1)) for m in re.finditer(r"^epoch +(\d+)/", stdout, re.M)]
+
+
+def test_killed_worker_restarts_from_latest_checkpoint(tmp_path, mini_dir):
+    proc = start_train(tmp_path, mini_dir, "w", 4)
+    before = read_until_epoch(proc, 2)
+    workers = train_workers()
+    assert len(workers) == 2
+    workers[-1].kill()  # SIGKILL one training worker mid-run
+    after, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, before + after
+    results = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert len(results["restarts"]) == 1
+    restart = results["restarts"][0]
+    epochs = printed_epochs(before + after)
+    rest = list(range(restart + 1, 5))
+    # Restored from the latest checkpoint (epoch 2 or later): no epoch lost, and at most the one that was in
+    # progress when the worker died (finished but not yet registered by Ray) runs again.
+    assert restart >= 1
+    assert epochs in (list(range(1, restart + 1)) + rest, list(range(1, restart + 2)) + rest), epochs
+    assert [h["epoch"] for h in results["history"]] == [1, 2, 3, 4]
+    # The restored run continued with the same optimizer state: Adam's step count covers all 4 epochs.
+    import torch
+
+    state = torch.load(tmp_path / "w" / "checkpoint_epoch_0004" / "checkpoint.pt", weights_only=False)
+    assert max(s["step"].item() for s in state["optimizer"]["state"].values()) == 4 * 2  # 2 steps/epoch
+    assert state["restarts"] == results["restarts"]
+
+
+def test_killed_driver_resumes_with_resume(tmp_path, mini_dir):
+    proc = start_train(tmp_path, mini_dir, "d", 4)
+    read_until_epoch(proc, 2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
+    proc.wait()
+    time.sleep(2)
+    refused = run_cli("train", "--num-workers", "2", "--epochs", "4", "--data-dir", mini_dir,
+                      "--storage-path", str(tmp_path), "--name", "d", *SMALL)
+    assert refused.returncode == 2 and "already exists" in refused.stderr
+    resumed = run_cli("train", "--num-workers", "2", "--epochs", "4", "--data-dir", mini_dir,
+                      "--storage-path", str(tmp_path), "--name", "d", "--resume", *SMALL)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    results = json.loads((tmp_path / "d" / "results.json").read_text())
+    start = results["restarts"][0]
+    assert len(results["restarts"]) == 1 and start in (1, 2, 3)
+    assert [h["epoch"] for h in results["history"]] == [1, 2, 3, 4]
+    assert printed_epochs(resumed.stdout) == list(range(start + 1, 5))  # only the epochs left
+
+
+def test_nan_loss_stops_cleanly_and_keeps_best_checkpoint(tmp_path, mini_dir):
+    args = ["--num-workers", "0", "--data-dir", mini_dir, "--storage-path", str(tmp_path), "--name", "n", *SMALL]
+    assert run_cli("train", "--epochs", "1", *args).returncode == 0
+    proc = run_cli("train", "--epochs", "3", "--lr", "1e9", "--resume", *args)  # a resume with an absurd LR
+    assert proc.returncode == 1
+    assert "the loss became nan at epoch 2" in proc.stdout and "try a lower --lr" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "n" / "results.json").read_text())
+    assert results["best_checkpoint"].endswith("checkpoint_epoch_0001") and Path(results["best_checkpoint"]).is_dir()
+    assert "nan" in results["stopped"]
+    assert not (tmp_path / "n" / "checkpoint_epoch_0002").exists()
+
+
+def test_two_node_cluster_runs_a_worker_on_each_node(tmp_path, mini_dir):
+    """A local Ray cluster of two nodes (1 CPU each): the 2 training workers must land on both."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from distributed_resnet.config import TrainConfig
+    from distributed_resnet.run import run_training
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        cfg = TrainConfig(num_workers=2, epochs=1, data_dir=mini_dir, storage_path=str(tmp_path), name="multi",
+                          max_train_samples=256, val_size=100)
+        results = run_training(cfg, quiet=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    nodes = results["worker_nodes"]
+    assert len(nodes) == 2 and len(set(nodes)) == 2
+    assert results["epochs"] == 1 and Path(results["best_checkpoint"], "checkpoint.pt").is_file()
