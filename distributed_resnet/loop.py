@@ -135,8 +135,8 @@ def shard_order(n: int, world: int, rank: int, seed: int, epoch: int) -> np.ndar
     return perm[rank::world]
 
 
-def train_epoch(net, optimizer, train, order, batch, steps, augment, fast, gen) -> torch.Tensor:
-    """One pass over this worker's shard; returns sums (loss, correct, count): no host sync inside."""
+def train_epoch(net, optimizer, train, order, batch, steps, augment, fast, gen) -> tuple[torch.Tensor, int]:
+    """One pass over this worker's shard: device sums (loss, correct) and the image count; no host sync inside."""
     images, labels = train
     net.train()
     sums, count = torch.zeros(2, device=images.device, dtype=torch.float64), 0

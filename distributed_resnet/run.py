@@ -63,18 +63,25 @@ def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str]:
     if "/" in cfg.name or cfg.name in (".", ".."):
         raise UserError(f"--name {cfg.name!r} must be a plain folder name")
     root = storage_root(cfg.storage_path)
-    run_path = f"{root.rstrip('/')}/{cfg.name}"
-    if "://" not in root:
-        ckpt.writable_or_error(root)
-        exists = os.path.isdir(run_path) and any(os.scandir(run_path))
-        if exists and not cfg.resume:
-            raise UserError(f"run folder {run_path} already exists; add --resume to continue it or choose another --name")
-        if cfg.resume and not exists:
-            raise UserError(f"nothing to resume at {run_path}; drop --resume to start a new run there")
-        latest = ckpt.latest_in(run_path) if exists else None
-        if latest is not None:
-            ckpt.check_compatible(ckpt.read_meta(latest), cfg.depth, cfg.version, str(latest))
+    run_path = guard_folder(root, cfg.name, cfg.resume, "run")
+    latest = ckpt.latest_in(run_path) if cfg.resume and "://" not in root else None
+    if latest is not None:
+        ckpt.check_compatible(ckpt.read_meta(latest), cfg.depth, cfg.version, str(latest))
     return cfg, root, run_path
+
+
+def guard_folder(root: str, name: str, resume: bool, what: str) -> str:
+    """`root/name`, after checking it can be written and that it exists exactly when resuming."""
+    path = f"{root.rstrip('/')}/{name}"
+    if "://" in root:
+        return path  # remote storage: Ray checks it when the run starts
+    ckpt.writable_or_error(root)
+    exists = os.path.isdir(path) and any(os.scandir(path))
+    if exists and not resume:
+        raise UserError(f"{what} folder {path} already exists; add --resume to continue it or choose another --name")
+    if resume and not exists:
+        raise UserError(f"nothing to resume at {path}; drop --resume to start a new {what} there")
+    return path
 
 
 def load_data(cfg: TrainConfig) -> Cifar10:

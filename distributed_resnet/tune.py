@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -118,18 +117,10 @@ def run_sweep(spec: dict, data_dir: str | None, storage_path: str, name: str, nu
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from .run import data_refs, init_ray, load_data, storage_root
-    from .checkpoint import writable_or_error
+    from .run import data_refs, guard_folder, init_ray, load_data, storage_root
 
     root = storage_root(storage_path)
-    exp_path = f"{root.rstrip('/')}/{name}"
-    if "://" not in root:
-        writable_or_error(root)
-        exists = os.path.isdir(exp_path) and any(os.scandir(exp_path))
-        if exists and not resume:
-            raise UserError(f"sweep folder {exp_path} already exists; add --resume to continue it or choose another --name")
-        if resume and not exists:
-            raise UserError(f"nothing to resume at {exp_path}; drop --resume to start a new sweep there")
+    exp_path = guard_folder(root, name, resume, "sweep")
     fixed = dict(spec.get("fixed") or {})
     if data_dir:
         fixed["data_dir"] = data_dir
