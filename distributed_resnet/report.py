@@ -123,8 +123,11 @@ def curves_png(history: list[dict]) -> bytes:
     axes[2].set(title="learning rate", xlabel="epoch", yscale="log")
     axes[0].legend()
     axes[1].legend()
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return _png(fig)
 
