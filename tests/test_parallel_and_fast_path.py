@@ -1,6 +1,5 @@
 """Correctness of the data-parallel split (gloo DDP, as Ray Train sets it up) and of the fast step on CPU."""
 
-import os
 
 import numpy as np
 import torch
