@@ -56,7 +56,7 @@ class TrainConfig:
     num_to_keep: int = 2  # checkpoints kept: the best by val accuracy and the latest
 
     # --- speed (each on by default where it helps: see the README's speed section) ---
-    fast: bool = True  # on CUDA: bf16 autocast, channels_last, fused Adam, CUDA-graph step
+    fast: bool = True  # on CUDA: bf16 autocast, channels_last, fused Adam (no CUDA-graph capture yet)
     eval_batch_size: int = 1000
     report_test: bool = True  # test accuracy every epoch; Tune trials turn it off (test is for the final pick only)
 
