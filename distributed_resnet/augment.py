@@ -1,36 +1,72 @@
 """Keras ImageDataGenerator's flip + shift, as whole-batch tensor ops on the batch's own device.
 
 `ImageDataGenerator(width_shift_range=0.1, height_shift_range=0.1, horizontal_flip=True, fill_mode='nearest')`
-shifts each image by up to 10% of its size and mirrors half of them; pixels shifted in copy the nearest edge
-pixel. With whole-pixel shifts (up to 3 px on 32 px) that is an index remap: output pixel (i, j) reads input
-pixel (clamp(i - dy), clamp(j - dx)), with the column mirrored first for flipped images. Clamping the index
-*is* the nearest fill, and one gather per axis does the whole batch, so uint8 batches stay on the GPU.
+draws, per image, a shift uniform in [-3.2, 3.2] px on each axis (10% of 32), resamples the image at the
+shifted grid with bilinear interpolation (scipy's `affine_transform`, order 1), fills pixels from outside
+with the nearest edge pixel, then mirrors half of the images. Here that is separable: per axis, two
+gathers with clamped indices (clamping *is* the nearest fill) and one lerp, for the whole batch at once,
+with no host sync; `tests/test_keras_equivalence.py` compares it with Keras' own `apply_transform`.
+
+`shift="pixel"` draws whole-pixel shifts in -3..3 instead (no interpolation, so no blur): one gather per axis,
+which also works on uint8 batches.
 """
 
 from __future__ import annotations
 
 import torch
 
+SHIFTS = ("bilinear", "pixel")
+SHIFT_FRACTION = 0.1  # width_shift_range = height_shift_range = 0.1 in the reference
 
-def random_flip_shift(images: torch.Tensor, max_shift: int = 3, generator: torch.Generator | None = None) -> torch.Tensor:
-    """images: uint8 or float, N x C x H x W (any memory format). Returns a new tensor of the same dtype."""
-    n, c, h, w = images.shape
+
+def random_flip_shift(images: torch.Tensor, shift: str = "bilinear", generator: torch.Generator | None = None) -> torch.Tensor:
+    """images: N x C x H x W, float in [0, 1] (uint8 allowed with shift="pixel"), any memory format.
+
+    Returns a new tensor of the same dtype and memory format.
+    """
+    n, _, h, w = images.shape
     dev = images.device
-    dy = torch.randint(-max_shift, max_shift + 1, (n, 1), device=dev, generator=generator)
-    dx = torch.randint(-max_shift, max_shift + 1, (n, 1), device=dev, generator=generator)
     flip = torch.rand((n, 1), device=dev, generator=generator) < 0.5
+    if shift == "pixel":
+        dy = torch.randint(-int(SHIFT_FRACTION * h), int(SHIFT_FRACTION * h) + 1, (n, 1), device=dev, generator=generator)
+        dx = torch.randint(-int(SHIFT_FRACTION * w), int(SHIFT_FRACTION * w) + 1, (n, 1), device=dev, generator=generator)
+    elif shift == "bilinear":
+        scale = torch.tensor([[SHIFT_FRACTION * h, SHIFT_FRACTION * w]], device=dev)
+        dy, dx = ((torch.rand((n, 2), device=dev, generator=generator) * 2 - 1) * scale).split(1, dim=1)
+    else:
+        raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
     return shift_images(images, dy, dx, flip)
 
 
 def shift_images(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """Deterministic core of `random_flip_shift`: dy, dx int (N, 1); flip bool (N, 1)."""
+    """Output pixel (i, j) samples the input at (i - dy, j - dx), edge-clamped, then the row is mirrored where
+    `flip`. dy, dx: (N, 1), integer (exact gathers) or float (bilinear); flip: bool (N, 1)."""
     n, c, h, w = images.shape
-    rows = (torch.arange(h, device=images.device) - dy).clamp_(0, h - 1)  # N x H
+    channels_last = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+    rows = torch.arange(h, device=images.device) - dy  # N x H sample positions
     cols = torch.arange(w, device=images.device).expand(n, w)
-    cols = torch.where(flip, w - 1 - cols, cols)
-    cols = (cols - dx).clamp_(0, w - 1)  # N x W
-    out = images.gather(2, rows[:, None, :, None].expand(n, c, h, w))
-    return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+    cols = torch.where(flip, w - 1 - cols, cols) - dx  # flip after the shift, as Keras' apply_transform
+    out = _sample(images, rows, axis=2)
+    out = _sample(out, cols, axis=3)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous()
+
+
+def _sample(images: torch.Tensor, pos: torch.Tensor, axis: int) -> torch.Tensor:
+    """Linear interpolation of `images` at positions `pos` (N x L) along `axis`, indices clamped to the edge."""
+    n, c, h, w = images.shape
+    size = images.shape[axis]
+
+    def take(index):
+        index = index.clamp(0, size - 1)
+        shape = (n, 1, -1, 1) if axis == 2 else (n, 1, 1, -1)
+        return images.gather(axis, index.view(shape).expand(n, c, h, w))
+
+    if not pos.is_floating_point():
+        return take(pos)
+    low = pos.floor()
+    frac = (pos - low).view((n, 1, -1, 1) if axis == 2 else (n, 1, 1, -1)).to(images.dtype)
+    low = low.long()
+    return torch.lerp(take(low), take(low + 1), frac)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

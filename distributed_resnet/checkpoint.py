@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `checkpoint_epoch_NNNN/` with `checkpoint.pt` (model, optimizer, LR-policy state,
 epoch, RNG seeds, metric history) and `meta.json` (the same facts a person or `evaluate` needs, readable
-without torch). Ray Train copies the folder to storage and tracks the best by `val_accuracy`; in local mode
+without torch). A weights-only checkpoint (the shipped pretrained model, a converted Keras model) has the
+same two files with just the model and its meta. Ray Train copies the folder to storage and tracks the best by `val_accuracy`; in local mode
 (`--num-workers 0`) Ray keeps nothing, so `LocalKeeper` does the same job in the run folder.
 """
 
@@ -49,6 +50,18 @@ def load(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
+def load_weights(path: str | Path, depth: int, version: int, padding: str) -> dict:
+    """The model weights of any checkpoint (full or weights-only), checked against the architecture."""
+    state = load(path)
+    check_compatible(state["meta"], depth, version, str(path), padding)
+    return state["model"]
+
+
+def save_weights(folder: str | Path, model_state: dict, meta: dict) -> None:
+    """A weights-only checkpoint (no optimizer): what `evaluate`, `load_pretrained` and `--init-weights` read."""
+    save(folder, {"model": {k: v.detach().cpu().contiguous() for k, v in model_state.items()}, "meta": meta})
+
+
 def read_meta(folder: str | Path) -> dict | None:
     try:
         return json.loads((Path(folder) / META_FILE).read_text())
@@ -56,19 +69,64 @@ def read_meta(folder: str | Path) -> dict | None:
         return None
 
 
-def check_compatible(meta: dict, depth: int, version: int, where: str) -> None:
-    """A checkpoint only restores into the architecture it was saved from."""
+def padding_of(meta: dict) -> str:
+    """Checkpoints from before the padding option were trained with PyTorch's symmetric padding."""
+    return meta.get("padding") or meta.get("config", {}).get("padding") or "symmetric"
+
+
+def check_compatible(meta: dict, depth: int, version: int, where: str, padding: str | None = None) -> None:
+    """A checkpoint only restores into the architecture it was saved from (padding included: same weights,
+    other padding, is another function)."""
     if (meta.get("depth"), meta.get("version")) != (depth, version):
         raise UserError(
             f"checkpoint {where} is ResNet-{meta.get('depth')} v{meta.get('version')}, but this run is "
             f"ResNet-{depth} v{version}: use --depth {meta.get('depth')} --version {meta.get('version')} or a new --name"
         )
+    if padding is not None and padding_of(meta) != padding:
+        raise UserError(f"checkpoint {where} was trained with --padding {padding_of(meta)}, but this run uses "
+                        f"--padding {padding}: pass --padding {padding_of(meta)}")
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict, fused: bool) -> None:
+    """Load Adam's state for *this* run's mode, whatever mode saved it.
+
+    `load_state_dict` would restore the saver's `fused`/`foreach` flags and keep the moments' memory layout,
+    so a channels_last (fast-path) checkpoint resumed with NCHW parameters, or the reverse, pairs moments
+    with the wrong weights in the vectorised kernels. So: this run's flags first (they also decide where
+    `step` lives), then every moment re-laid out like its parameter.
+    """
+    saved = {**saved, "param_groups": [{**g, "fused": fused or None, "foreach": None if fused else g.get("foreach")}
+                                       for g in saved["param_groups"]]}
+    optimizer.load_state_dict(saved)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in state and state[key].stride() != p.stride():
+                    state[key] = torch.empty_like(p).copy_(state[key])
+
+
+def newest(*checkpoints) -> "ray.train.Checkpoint | None":  # noqa: F821
+    """The checkpoint with the highest epoch (by its folder name) among those given (None ignored)."""
+    found = [c for c in checkpoints if c is not None]
+    return max(found, key=lambda c: Path(c.path).name) if found else None
+
+
+def complete_in(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoint folders (those with meta.json, written last) in a local run folder, oldest first."""
+    return sorted(p for p in Path(run_dir).glob("checkpoint_epoch_*") if (p / META_FILE).is_file())
 
 
 def latest_in(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder in a local run folder (one with meta.json, written last)."""
-    found = sorted(p for p in Path(run_dir).glob("checkpoint_epoch_*") if (p / META_FILE).is_file())
+    found = complete_in(run_dir)
     return found[-1] if found else None
+
+
+def best_in(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest val accuracy (earliest on ties)."""
+    scored = [(p, read_meta(p)) for p in complete_in(run_dir)]
+    scored = [(p, m) for p, m in scored if m and m.get("metrics", {}).get("val_accuracy") is not None]
+    return max(scored, key=lambda pm: (pm[1]["metrics"]["val_accuracy"], -pm[1]["epoch"]))[0] if scored else None
 
 
 class LocalKeeper:
@@ -91,10 +149,7 @@ class LocalKeeper:
                 shutil.rmtree(p, ignore_errors=True)
 
     def best(self) -> Path | None:
-        kept = self.kept()
-        if not kept:
-            return None
-        return max(kept, key=lambda pm: (pm[1]["metrics"]["val_accuracy"], -pm[1]["epoch"]))[0]
+        return best_in(self.run_dir)
 
 
 def writable_or_error(path: str) -> None:

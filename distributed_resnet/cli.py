@@ -37,8 +37,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--depth", type=int, default=d.depth, help="6n+2 for v1, 9n+2 for v2 (default %(default)s)")
     g.add_argument("--version", type=int, default=d.version, choices=(1, 2), help="ResNet v1 or v2 (default %(default)s)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 on conv kernels (default %(default)g)")
+    g.add_argument("--padding", choices=("same", "symmetric"), default=d.padding,
+                   help="same: TensorFlow's, as the reference (default); symmetric: PyTorch's")
+    g.add_argument("--init-weights", default=None, metavar="CKPT",
+                   help="start from these weights (a checkpoint, results/resnet20v1, a converted Keras model); "
+                        "optimizer and LR schedule start fresh")
     g = p.add_argument_group("recipe")
     g.add_argument("--epochs", type=int, default=d.epochs, help="(default %(default)s)")
+    g.add_argument("--schedule-epochs", type=int, default=d.schedule_epochs, metavar="N",
+                   help="LR steps at 80/200, 120/200, 160/200, 180/200 of N epochs (default %(default)s: the reference)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, split over workers (default %(default)s)")
     g.add_argument("--per-worker-batch-size", type=int, default=None,
                    help="keep this batch per worker instead; the global batch grows with the workers")
@@ -50,6 +57,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plateau-min-lr", type=float, default=d.plateau_min_lr, help="(default %(default)g)")
     g.add_argument("--plateau-cooldown", type=int, default=d.plateau_cooldown, help="epochs (default %(default)s)")
     g.add_argument("--no-augment", dest="augment", action="store_false", help="turn off flip + shift augmentation")
+    g.add_argument("--shift", choices=("bilinear", "pixel"), default=d.shift,
+                   help="bilinear: Keras' continuous shift (default); pixel: whole-pixel shifts, no interpolation")
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=default_data_dir(),
@@ -68,8 +77,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", default=None, help="run folder name (default resnet<depth>v<version>_<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --storage-path/--name")
     g.add_argument("--num-to-keep", type=int, default=d.num_to_keep, help="checkpoints kept (default %(default)s)")
-    g.add_argument("--no-fast", dest="fast", action="store_false",
-                   help="on GPU: plain fp32 eager steps instead of bf16 + channels_last + fused Adam")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=d.precision,
+                   help="bf16: autocast + channels_last + fused Adam; auto (default): bf16 on GPUs and on CPUs with "
+                        "native bf16 (AMX/AVX512-BF16), else fp32")
+    g.add_argument("--no-fast", dest="precision", action="store_const", const="fp32", help="alias of --precision fp32")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -21,10 +21,12 @@ class TrainConfig:
     # --- model (He et al. 2016, Keras `cifar10_resnet.py`) ---
     depth: int = 20  # v1: 6n+2 (20 -> 3 blocks per stage); v2: 9n+2 (bottleneck)
     version: int = 1  # 1: conv-BN-ReLU (the reference); 2: pre-activation bottleneck
+    padding: str = "same"  # "same": TensorFlow's (the reference's, odd pixel after); "symmetric": PyTorch's
     weight_decay: float = 1e-4  # Keras l2(1e-4) on every conv kernel: a loss term 1e-4 * sum(w^2)
 
     # --- optimisation (reference recipe) ---
     epochs: int = 200
+    schedule_epochs: int = 200  # the LR steps sit at 80/200, 120/200, ... of this many epochs (200: the reference)
     batch_size: int = 128  # global batch, split evenly across workers
     per_worker_batch_size: int | None = None  # if set, the global batch is this times the workers
     lr: float = 1e-3  # Adam's initial LR; the step schedule multiplies it
@@ -41,8 +43,10 @@ class TrainConfig:
     download: bool = False
     val_size: int | None = None  # None: 10% of the training images (5,000 on CIFAR-10); 0: validate on test
     max_train_samples: int | None = None  # cap the training images (after the val split), for quick runs
-    augment: bool = True  # random flip + shift up to 10% (3 px), nearest fill: Keras' ImageDataGenerator
-    seed: int = 0
+    augment: bool = True  # random flip + shift up to 10% (3.2 px), nearest fill: Keras' ImageDataGenerator
+    shift: str = "bilinear"  # "bilinear": Keras' continuous shift; "pixel": whole pixels -3..3, no blur
+    seed: int = 0  # initial weights, val split, data order and augmentation all follow from it
+    init_weights: str | None = None  # start from these weights (a checkpoint, results/..., a converted Keras model)
 
     # --- Ray ---
     num_workers: int = 1  # 0 runs the loop in the driver process (Ray Train local mode)
@@ -56,7 +60,8 @@ class TrainConfig:
     num_to_keep: int = 2  # checkpoints kept: the best by val accuracy and the latest
 
     # --- speed (each on by default where it helps: see the README's speed section) ---
-    fast: bool = True  # on CUDA: bf16 autocast, channels_last, fused Adam (no CUDA-graph capture yet)
+    precision: str = "auto"  # "bf16": autocast + channels_last + fused Adam; "auto": bf16 on CUDA and on CPUs
+    #                          with native bf16 (AMX / AVX512-BF16), else fp32; "fp32": plain eager steps
     eval_batch_size: int = 1000
     report_test: bool = True  # test accuracy every epoch; Tune trials turn it off (test is for the final pick only)
 
@@ -81,6 +86,16 @@ class TrainConfig:
         _positive_float(lr=self.lr, adam_eps=self.adam_eps, plateau_min_lr=self.plateau_min_lr)
         if not 0 < self.gpus_per_worker <= 8 and self.use_gpu:
             raise UserError(f"--gpus-per-worker must be in (0, 8], got {self.gpus_per_worker}")
+        if self.use_gpu and self.num_workers > 1 and self.gpus_per_worker < 1:
+            raise UserError(f"{self.num_workers} workers on {self.gpus_per_worker} GPU each would share one GPU, which "
+                            f"NCCL refuses; give each worker a whole GPU or use 1 worker per trial")
+        for key, allowed in (("padding", ("same", "symmetric")), ("shift", ("bilinear", "pixel")),
+                             ("precision", ("auto", "bf16", "fp32"))):
+            if getattr(self, key) not in allowed:
+                raise UserError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        _positive(schedule_epochs=self.schedule_epochs)
+        if self.plateau_min_lr >= self.lr:
+            raise UserError(f"--plateau-min-lr {self.plateau_min_lr:g} must be below --lr {self.lr:g}")
         if self.weight_decay < 0:
             raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.per_worker_batch_size is not None:

@@ -15,40 +15,46 @@ from .config import UserError
 from .data import CLASSES, default_data_dir
 
 
-def evaluate_checkpoint(checkpoint: str, data_dir: str, batch: int = 1000, device: str | None = None) -> dict:
-    import numpy as np
+def load_model(checkpoint: str, device="cpu"):
+    """(model in eval mode, meta) from any checkpoint: a training checkpoint, a weights-only one, a converted
+    Keras model. `distributed_resnet.load_pretrained("results/resnet20v1")` is this, in one line."""
     import torch
 
     from . import checkpoint as ckpt
-    from .data import load_arrays
-    from .loop import images_to_tensor, predict
     from .model import ResNet
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    state = ckpt.load(checkpoint, map_location=dev)
+    state = ckpt.load(checkpoint)
     meta = state["meta"]
-    model = ResNet(meta["depth"], meta["version"]).to(dev)
+    model = ResNet(meta["depth"], meta["version"], padding=ckpt.padding_of(meta))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise UserError(f"{checkpoint} does not fit ResNet-{meta['depth']} v{meta['version']}: {str(e).splitlines()[0]}")
-    fast = dev.type == "cuda" and meta["config"].get("fast", True)
-    if fast:
-        model = model.to(memory_format=torch.channels_last)
+    return model.to(torch.device(device)).eval(), meta
+
+
+def evaluate_checkpoint(checkpoint: str, data_dir: str, batch: int = 1000, device: str | None = None) -> dict:
+    import numpy as np
+    import torch
+
+    from .data import load_arrays
+    from .loop import images_to_tensor, predict
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, meta = load_model(checkpoint, dev)
     _, test, source = load_arrays(data_dir)
-    images = images_to_tensor(test.images, dev, fast)
-    pred = predict(model, images, batch, fast).argmax(1).cpu().numpy()
+    pred = predict(model, images_to_tensor(test.images, dev, channels_last=False), batch).argmax(1).cpu().numpy()
     labels = np.asarray(test.labels)
     matrix = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
     np.add.at(matrix, (labels, pred), 1)
     per_class = matrix.diagonal() / matrix.sum(1)
     return {
-        "checkpoint": str(checkpoint), "data": source, "epoch": meta["epoch"], "depth": meta["depth"],
+        "checkpoint": str(checkpoint), "data": source, "epoch": meta.get("epoch"), "depth": meta["depth"],
         "version": meta["version"], "test_images": int(len(labels)),
         "test_accuracy": float((pred == labels).mean()),
         "per_class_accuracy": {c: float(a) for c, a in zip(CLASSES, per_class)},
         "confusion_matrix": matrix.tolist(),
-        "reported_test_accuracy": meta["metrics"].get("test_accuracy"),
+        "reported_test_accuracy": meta.get("metrics", {}).get("test_accuracy"),
     }
 
 

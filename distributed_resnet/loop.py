@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .augment import random_flip_shift, to_float
 from .config import TrainConfig
+from .device import local_device, use_bf16
 from .model import NUM_CLASSES, ResNet, count_parameters, param_groups
 from .schedule import LRPolicy
 
@@ -32,9 +33,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     local_mode = loop_config.get("local_run_dir") is not None
-    device = ray.train.torch.get_device()
-    fast = cfg.fast and device.type == "cuda"
-    if not local_mode and device.type == "cpu":
+    device = local_device(cfg.use_gpu) if local_mode else ray.train.torch.get_device()
+    fast = use_bf16(cfg.precision, device)  # bf16 autocast + channels_last + fused Adam
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+    elif not local_mode:
         torch.set_num_threads(cfg.cpus_per_worker)
 
     # Data: uint8 on the device, once. NHWC arrays permuted to NCHW shape are channels_last in memory.
@@ -43,27 +47,33 @@ def train_loop_per_worker(loop_config: dict) -> dict:
               for name in ("train", "val", "test")}
     val_is_test = loop_config.get("val_is_test", False)
 
-    # Model, optimizer, LR policy: restored from the latest checkpoint after a failure or a resumed run.
-    model = ResNet(cfg.depth, cfg.version).to(device)
+    # Model, optimizer, LR policy: restored from the newest checkpoint after a failure or a resumed run.
+    torch.manual_seed(cfg.seed)  # the initial weights follow --seed
+    model = ResNet(cfg.depth, cfg.version, padding=cfg.padding).to(device)
     if fast:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_eps,
                                  fused=fast or None)
     policy = LRPolicy.from_config(cfg)
     start_epoch, history, restarts = 0, [], []
-    restored = ray.train.get_checkpoint()
-    if restored is None and local_mode and ckpt.latest_in(loop_config["local_run_dir"]):
-        restored = ray.train.Checkpoint.from_directory(str(ckpt.latest_in(loop_config["local_run_dir"])))
+    # The driver names the newest complete checkpoint on disk when resuming: it can be newer than the last one
+    # Ray registered (a run stopped between the upload and the controller's next poll).
+    on_disk = loop_config.get("resume_from")
+    restored = ckpt.newest(ray.train.get_checkpoint(), ray.train.Checkpoint.from_directory(on_disk) if on_disk else None)
     if restored is not None:
         with restored.as_directory() as folder:
-            state = ckpt.load(folder, map_location=device)
-        ckpt.check_compatible(state["meta"], cfg.depth, cfg.version, restored.path)
+            state = ckpt.load(folder)  # on the CPU: load_state_dict places each tensor (Adam's step stays on the host)
+        ckpt.check_compatible(state["meta"], cfg.depth, cfg.version, restored.path, cfg.padding)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        ckpt.restore_optimizer(optimizer, state["optimizer"], fused=fast)
         policy.load_state_dict(state["lr_policy"])
         start_epoch, history = state["epoch"], state["history"]
         restarts = state["restarts"] + [start_epoch]
-    net = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    elif cfg.init_weights:
+        model.load_state_dict(ckpt.load_weights(cfg.init_weights, cfg.depth, cfg.version, cfg.padding))
+    # Buffers are broadcast once per epoch below, not on every forward; gradients reduce in place.
+    net = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs={
+        "broadcast_buffers": False, "gradient_as_bucket_view": True}) if world > 1 else model
 
     keeper = ckpt.LocalKeeper(loop_config["local_run_dir"], cfg.num_to_keep) if local_mode else None
     progress = loop_config.get("progress")
@@ -78,18 +88,19 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         t0 = time.perf_counter()
         order = torch.from_numpy(shard_order(n_train, world, rank, cfg.seed, epoch)).to(device)
         gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, epoch, rank))
-        train_sums = train_epoch(net, optimizer, splits["train"], order, batch, steps, cfg.augment, fast, gen)
+        train_sums = train_epoch(net, optimizer, splits["train"], order, batch, steps,
+                                 cfg.shift if cfg.augment else None, fast, gen)
         _synchronize(device)
         train_seconds = time.perf_counter() - t0
         train_loss, train_acc = _all_reduce_means(train_sums, world)
         _broadcast_buffers(model, world)  # evaluate everywhere with rank 0's BatchNorm statistics
-        val_loss, val_acc = _all_reduce_means(evaluate(model, *splits["val"], cfg.eval_batch_size, fast, rank, world), world)
+        val_loss, val_acc = _all_reduce_means(evaluate(model, *splits["val"], cfg.eval_batch_size, rank, world), world)
         if val_is_test:
             test_loss, test_acc = val_loss, val_acc
         elif not cfg.report_test:
             test_loss = test_acc = None
         else:
-            test_loss, test_acc = _all_reduce_means(evaluate(model, *splits["test"], cfg.eval_batch_size, fast, rank, world), world)
+            test_loss, test_acc = _all_reduce_means(evaluate(model, *splits["test"], cfg.eval_batch_size, rank, world), world)
         cut = policy.end_epoch(epoch, val_loss)
         metrics = {
             "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc,
@@ -104,7 +115,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             if progress is not None and rank == 0:
                 progress.put({"stopped": stopped, **metrics})
             break
-        meta = {"depth": cfg.depth, "version": cfg.version, "epoch": epoch + 1, "metrics": metrics,
+        meta = {"depth": cfg.depth, "version": cfg.version, "padding": cfg.padding, "epoch": epoch + 1, "metrics": metrics,
                 "parameters": count_parameters(model), "config": cfg.to_dict()}
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_policy": policy.state_dict(),
                  "epoch": epoch + 1, "history": history, "restarts": restarts, "meta": meta,
@@ -116,8 +127,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             progress.put(metrics)
     return {"history": history, "restarts": restarts, "stopped": stopped, "device": str(device),
             "worker_nodes": _gather_node_ids(world),
-            "parameters": count_parameters(model),
-            "local_best": str(keeper.best()) if keeper and keeper.best() else None}
+            "parameters": count_parameters(model)}
 
 
 def shard_order(n: int, world: int, rank: int, seed: int, epoch: int) -> np.ndarray:
@@ -135,18 +145,23 @@ def shard_order(n: int, world: int, rank: int, seed: int, epoch: int) -> np.ndar
     return perm[rank::world]
 
 
-def train_epoch(net, optimizer, train, order, batch, steps, augment, fast, gen) -> tuple[torch.Tensor, int]:
-    """One pass over this worker's shard: device sums (loss, correct) and the image count; no host sync inside."""
+def train_epoch(net, optimizer, train, order, batch, steps, shift, fast, gen) -> tuple[torch.Tensor, int]:
+    """One pass over this worker's shard: device sums (loss, correct) and the image count; no host sync inside.
+
+    `shift`: the augmentation ("bilinear" or "pixel", with random flips), None for none.
+    """
     images, labels = train
     net.train()
     sums, count = torch.zeros(2, device=images.device, dtype=torch.float64), 0
     for step in range(steps):
         idx = order[step * batch:(step + 1) * batch]
-        x, y = images[idx], labels[idx]
-        if augment:
-            x = random_flip_shift(x, generator=gen)
+        x, y = to_float(images[idx]), labels[idx]
+        if shift:
+            x = random_flip_shift(x, shift, generator=gen)
+        if fast:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=fast):
-            logits = net(to_float(x))
+            logits = net(x)
         # Softmax + categorical cross-entropy on one-hot targets, as the reference compiles its model.
         loss = F.cross_entropy(logits.float(), F.one_hot(y, NUM_CLASSES).float())
         optimizer.zero_grad(set_to_none=True)
@@ -159,22 +174,20 @@ def train_epoch(net, optimizer, train, order, batch, steps, augment, fast, gen) 
 
 
 @torch.no_grad()
-def predict(model, images: torch.Tensor, batch: int, fast: bool, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """Logits (float32) for images[start:stop], in eval mode, a batch at a time."""
+def predict(model, images: torch.Tensor, batch: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Logits for images[start:stop], in eval mode and fp32 (bf16 rounding in the val loss would be of the order
+    of ReduceLROnPlateau's min_delta), a batch at a time."""
     model.eval()
     stop = len(images) if stop is None else stop
-    out = []
-    for i in range(start, stop, batch):
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=fast):
-            out.append(model(to_float(images[i:min(i + batch, stop)])).float())
+    out = [model(to_float(images[i:min(i + batch, stop)])) for i in range(start, stop, batch)]
     return torch.cat(out) if out else torch.zeros(0, NUM_CLASSES, device=images.device)
 
 
-def evaluate(model, images, labels, batch, fast, rank=0, world=1) -> torch.Tensor:
+def evaluate(model, images, labels, batch, rank=0, world=1) -> torch.Tensor:
     """(loss sum, correct) and count over this worker's contiguous slice; all-reduced, they cover the whole set."""
     n = len(labels)
     start, stop = n * rank // world, n * (rank + 1) // world
-    logits = predict(model, images, batch, fast, start, stop)
+    logits = predict(model, images, batch, start, stop)
     y = labels[start:stop]
     loss = F.cross_entropy(logits, y, reduction="sum").double()
     return torch.stack([loss, (logits.argmax(1) == y).sum().double()]), stop - start

@@ -1,10 +1,11 @@
 """ResNet v1 and v2 for CIFAR-10, layer for layer as in the Keras reference (`examples/cifar10_resnet.py`).
 
-Pure PyTorch, no Ray. Differences from Keras that are conventions rather than choices:
+Pure PyTorch, no Ray. With Keras weights copied in (`convert.py`) it computes the Keras model's outputs
+(`tests/test_keras_equivalence.py`). Conventions that differ without changing the function:
 - the model returns logits; softmax lives in the loss (`F.cross_entropy` with one-hot targets is exactly
   softmax + categorical cross-entropy) and in `predict_proba`;
-- a 3x3 stride-2 conv pads 1 pixel on each side (PyTorch) where TensorFlow's 'same' pads only the far side:
-  same output size, sampling grid aligned with the 1x1 stride-2 shortcut;
+- convolutions pad like TensorFlow's `padding='same'` (default): a 3x3 stride-2 conv on a 32x32 map pads
+  only the bottom and right. `padding="symmetric"` is PyTorch's convention (1 pixel on each side);
 - BatchNorm keeps Keras' settings (momentum 0.99 -> PyTorch momentum 0.01, epsilon 1e-3).
 The L2 penalty on conv kernels is applied by the optimizer (see `param_groups`).
 """
@@ -20,13 +21,36 @@ import torch.nn.functional as F
 NUM_CLASSES = 10
 
 
+PADDINGS = ("same", "symmetric")
+
+
+class Conv2dSame(nn.Conv2d):
+    """Conv2d with TensorFlow's 'same' padding: total padding (ceil(n/s)-1)*s + k - n, the odd pixel after.
+
+    Where that is symmetric (every stride-1 conv, every 1x1 conv here) the conv pads by itself; only a
+    stride-2 3x3 conv on an even map pads its far side explicitly, one cheap `F.pad`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[:1:-1], self.kernel_size[::-1], self.stride[::-1]):  # W, then H
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        if pads[0] == pads[1] and pads[2] == pads[3]:
+            return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]))
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride)
+
+
 class ResnetLayer(nn.Module):
     """Keras `resnet_layer`: Conv2D -> BN -> ReLU (`conv_first=True`), or BN -> ReLU -> Conv2D (v2)."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1,
-                 activation: bool = True, batch_norm: bool = True, conv_first: bool = True):
+                 activation: bool = True, batch_norm: bool = True, conv_first: bool = True, padding: str = "same"):
         super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=True)
+        if padding == "same":
+            self.conv = Conv2dSame(in_ch, out_ch, kernel_size, stride, bias=True)
+        else:
+            self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=True)
         self.conv_first = conv_first
         bn_ch = out_ch if conv_first else in_ch
         self.bn = nn.BatchNorm2d(bn_ch, eps=1e-3, momentum=0.01) if batch_norm else nn.Identity()
@@ -41,11 +65,12 @@ class ResnetLayer(nn.Module):
 class BasicBlock(nn.Module):
     """v1 block: two 3x3 layers; at a stage's first block a 1x1 strided conv (no BN) projects the shortcut."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, padding: str = "same"):
         super().__init__()
-        self.conv1 = ResnetLayer(in_ch, out_ch, stride=stride)
-        self.conv2 = ResnetLayer(out_ch, out_ch, activation=False)
-        self.shortcut = (ResnetLayer(in_ch, out_ch, kernel_size=1, stride=stride, activation=False, batch_norm=False)
+        self.conv1 = ResnetLayer(in_ch, out_ch, stride=stride, padding=padding)
+        self.conv2 = ResnetLayer(out_ch, out_ch, activation=False, padding=padding)
+        self.shortcut = (ResnetLayer(in_ch, out_ch, kernel_size=1, stride=stride, activation=False, batch_norm=False,
+                                     padding=padding)
                          if stride != 1 or in_ch != out_ch else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,14 +80,15 @@ class BasicBlock(nn.Module):
 class BottleneckBlock(nn.Module):
     """v2 block: pre-activation 1x1 -> 3x3 -> 1x1; no ReLU after the addition (He et al. 2016b)."""
 
-    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, stride: int, first_of_net: bool):
+    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, stride: int, first_of_net: bool, padding: str = "same"):
         super().__init__()
         # The net's very first block skips BN-ReLU: the stem just applied them.
         self.conv1 = ResnetLayer(in_ch, mid_ch, kernel_size=1, stride=stride, conv_first=False,
-                                 activation=not first_of_net, batch_norm=not first_of_net)
-        self.conv2 = ResnetLayer(mid_ch, mid_ch, conv_first=False)
-        self.conv3 = ResnetLayer(mid_ch, out_ch, kernel_size=1, conv_first=False)
-        self.shortcut = (ResnetLayer(in_ch, out_ch, kernel_size=1, stride=stride, activation=False, batch_norm=False)
+                                 activation=not first_of_net, batch_norm=not first_of_net, padding=padding)
+        self.conv2 = ResnetLayer(mid_ch, mid_ch, conv_first=False, padding=padding)
+        self.conv3 = ResnetLayer(mid_ch, out_ch, kernel_size=1, conv_first=False, padding=padding)
+        self.shortcut = (ResnetLayer(in_ch, out_ch, kernel_size=1, stride=stride, activation=False, batch_norm=False,
+                                     padding=padding)
                          if stride != 1 or in_ch != out_ch else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,34 +98,36 @@ class BottleneckBlock(nn.Module):
 class ResNet(nn.Module):
     """ResNet v1 (depth 6n+2, 16/32/64 filters) or v2 (depth 9n+2, bottleneck 16->64/128/256)."""
 
-    def __init__(self, depth: int = 20, version: int = 1, num_classes: int = NUM_CLASSES):
+    def __init__(self, depth: int = 20, version: int = 1, num_classes: int = NUM_CLASSES, padding: str = "same"):
         super().__init__()
-        self.depth, self.version = depth, version
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        self.depth, self.version, self.padding = depth, version, padding
         blocks: list[nn.Module] = []
         if version == 1:
             if (depth - 2) % 6:
                 raise ValueError(f"ResNet v1 depth must be 6n+2, got {depth}")
             n = (depth - 2) // 6
-            self.stem = ResnetLayer(3, 16)
+            self.stem = ResnetLayer(3, 16, padding=padding)
             in_ch = 16
             for stage, out_ch in enumerate((16, 32, 64)):
                 for b in range(n):
                     stride = 2 if stage > 0 and b == 0 else 1
-                    blocks.append(BasicBlock(in_ch, out_ch, stride))
+                    blocks.append(BasicBlock(in_ch, out_ch, stride, padding))
                     in_ch = out_ch
             self.head_norm = nn.Identity()
         elif version == 2:
             if (depth - 2) % 9:
                 raise ValueError(f"ResNet v2 depth must be 9n+2, got {depth}")
             n = (depth - 2) // 9
-            self.stem = ResnetLayer(3, 16)
+            self.stem = ResnetLayer(3, 16, padding=padding)
             in_ch = 16
             for stage in range(3):
                 mid_ch = 16 * 2 ** stage
                 out_ch = mid_ch * 4
                 for b in range(n):
                     stride = 2 if stage > 0 and b == 0 else 1
-                    blocks.append(BottleneckBlock(in_ch, mid_ch, out_ch, stride, first_of_net=stage == 0 and b == 0))
+                    blocks.append(BottleneckBlock(in_ch, mid_ch, out_ch, stride, stage == 0 and b == 0, padding))
                     in_ch = out_ch
             self.head_norm = nn.Sequential(nn.BatchNorm2d(in_ch, eps=1e-3, momentum=0.01), nn.ReLU(inplace=True))
         else:

@@ -27,12 +27,14 @@ class ProgressPrinter:
     def __init__(self, epochs: int, stream=None, label: str = ""):
         self.epochs, self.stream, self.label = epochs, stream or sys.stdout, label
         self.seconds: list[float] = []
+        self.last_epoch: int | None = None  # the last finished epoch seen
 
     def put(self, m: dict) -> None:
         if "stopped" in m:
             print(f"{self.label}stopped: {m['stopped']}", file=self.stream, flush=True)
             return
         self.seconds.append(m["epoch_seconds"])
+        self.last_epoch = m["epoch"]
         eta = np.mean(self.seconds[-10:]) * (self.epochs - m["epoch"])
         cut = " (plateau cut)" if m.get("lr_cut") else ""
         print(f"{self.label}epoch {m['epoch']:>{len(str(self.epochs))}}/{self.epochs}  lr {m['lr']:.2e}  "

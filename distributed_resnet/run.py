@@ -55,8 +55,11 @@ def init_ray(address: str | None = None, verbose: bool = False, extra_cpus: floa
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}} if not verbose else None)
 
 
-def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str]:
-    """Validate, name the run, and guard its folder: returns (cfg with name set, storage root, run path)."""
+def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str, str | None]:
+    """Validate, name the run, and guard its folder.
+
+    Returns (cfg with name set, storage root, run path, the newest complete checkpoint on local disk when resuming).
+    """
     cfg.validate()
     if not cfg.name:
         cfg.name = default_name(cfg)
@@ -66,8 +69,10 @@ def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str]:
     run_path = guard_folder(root, cfg.name, cfg.resume, "run")
     latest = ckpt.latest_in(run_path) if cfg.resume and "://" not in root else None
     if latest is not None:
-        ckpt.check_compatible(ckpt.read_meta(latest), cfg.depth, cfg.version, str(latest))
-    return cfg, root, run_path
+        ckpt.check_compatible(ckpt.read_meta(latest), cfg.depth, cfg.version, str(latest), cfg.padding)
+    if cfg.init_weights:
+        ckpt.load_weights(cfg.init_weights, cfg.depth, cfg.version, cfg.padding)  # a wrong file fails now, not in a worker
+    return cfg, root, run_path, str(latest) if latest else None
 
 
 def guard_folder(root: str, name: str, resume: bool, what: str) -> str:
@@ -105,16 +110,54 @@ def data_refs(data: Cifar10, put) -> dict:
     return refs
 
 
+def worker_resources(cfg: TrainConfig, use_gpu: bool) -> dict:
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+
+
+def check_cluster_fits(cfg: TrainConfig, use_gpu: bool, say=print) -> None:
+    """Refuse up front what the cluster cannot hold: Ray Train would otherwise wait for it forever, silently.
+
+    A fixed cluster: a one-line UserError naming what was asked and what exists. A cluster with an autoscaler
+    that can grow to fit: one line saying that the run waits for nodes.
+    """
+    import ray
+
+    need = worker_resources(cfg, use_gpu)
+    asked = (f"{cfg.num_workers} worker(s) x {cfg.cpus_per_worker} CPU"
+             + (f" + {cfg.gpus_per_worker:g} GPU" if use_gpu else ""))
+    if _workers_that_fit([n["Resources"] for n in ray.nodes() if n.get("Alive")], need) >= cfg.num_workers:
+        return
+    have = ray.cluster_resources()
+    exists = f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU"
+    try:
+        from ray._private.state import state
+
+        ceiling = state.get_max_resources_from_cluster_config()  # None without an autoscaler
+    except Exception:
+        ceiling = None
+    if ceiling and all(ceiling.get(k, 0) >= v * cfg.num_workers for k, v in need.items()):
+        say(f"waiting for the autoscaler: {asked} asked, the cluster has {exists} now (up to "
+            f"{ceiling.get('CPU', 0):g} CPU and {ceiling.get('GPU', 0):g} GPU)")
+        return
+    fix = "fewer --num-workers or --cpus-per-worker" + (", or --no-gpu" if use_gpu else "")
+    raise UserError(f"{asked} do not fit on this Ray cluster ({exists}"
+                    + (f", at most {ceiling.get('CPU', 0):g} CPU and {ceiling.get('GPU', 0):g} GPU with autoscaling"
+                       if ceiling else "") + f"): ask for {fix}, or join a bigger cluster with --address")
+
+
+def _workers_that_fit(nodes: list[dict], need: dict) -> int:
+    """How many workers of `need` the nodes hold, each worker on one node."""
+    return sum(int(min(node.get(k, 0) / v for k, v in need.items() if v > 0) + 1e-9) for node in nodes)
+
+
 def build_trainer(cfg: TrainConfig, root: str, loop_config: dict, callbacks=None):
     """The project's TorchTrainer: one place for scaling, failure and checkpoint policy."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    use_gpu = cfg.use_gpu
-    if use_gpu is None:
-        use_gpu = cfg.num_workers > 0 and ray.cluster_resources().get("GPU", 0) >= 1
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+    use_gpu = resolve_use_gpu(cfg)
+    resources = worker_resources(cfg, use_gpu)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -129,11 +172,20 @@ def build_trainer(cfg: TrainConfig, root: str, loop_config: dict, callbacks=None
     )
 
 
+def resolve_use_gpu(cfg: TrainConfig) -> bool:
+    """--gpu / --no-gpu, else GPUs whenever the cluster has them (local mode decides in the loop)."""
+    import ray
+
+    if cfg.use_gpu is not None or cfg.num_workers == 0:
+        return bool(cfg.use_gpu)
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
 def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = False, quiet: bool = False) -> dict:
     """Train, then write results.json and curves.png into the run folder; returns the results dict."""
     import ray
 
-    cfg, root, run_path = prepare_run(cfg)
+    cfg, root, run_path, resume_from = prepare_run(cfg)
     quiet_ray_logs(verbose)
     t0 = time.time()
     data = load_data(cfg)
@@ -147,19 +199,25 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
     if local:
         os.makedirs(run_path, exist_ok=True)
         loop_config = {"config": cfg.to_dict(), "data": data_refs(data, lambda a: a), "val_is_test": data.val_is_test,
-                       "local_run_dir": run_path, "progress": printer}
-        result = build_trainer(cfg, root, loop_config).fit()
+                       "local_run_dir": run_path, "progress": printer, "resume_from": resume_from}
+        try:
+            result = build_trainer(cfg, root, loop_config).fit()
+        except (KeyboardInterrupt, SystemExit) as e:
+            raise Interrupted(printer.last_epoch, run_path) from e
     else:
         from ray.util.queue import Queue
 
         init_ray(address, verbose)
+        check_cluster_fits(cfg, resolve_use_gpu(cfg))
         queue = Queue(actor_options={"num_cpus": 0})
         loop_config = {"config": cfg.to_dict(), "data": data_refs(data, ray.put), "val_is_test": data.val_is_test,
-                       "progress": queue}
+                       "progress": queue, "resume_from": resume_from}
         trainer = build_trainer(cfg, root, loop_config)
         try:
             with QueueDrain(queue, printer):
                 result = trainer.fit()
+        except SystemExit as e:  # Ray's SIGINT handler in fit(): the controller is aborted, the checkpoints stay
+            raise Interrupted(printer.last_epoch, run_path) from e
         except ray.train.TrainingFailedError as e:
             raise RuntimeError(f"training failed after {cfg.max_failures} restart(s): {e}\n"
                                f"the checkpoints so far are in {run_path}: continue with --resume") from e
@@ -172,11 +230,23 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
     return results
 
 
-def best_checkpoint(result, local_best: str | None) -> tuple[str | None, dict | None]:
-    """(path, metrics) of the retained checkpoint with the highest val accuracy (earliest on ties)."""
-    if local_best:
-        meta = ckpt.read_meta(local_best)
-        return local_best, meta["metrics"]
+class Interrupted(Exception):
+    """Ctrl-C during a run: `train` prints where it stopped and the command that continues it."""
+
+    def __init__(self, last_epoch: int | None, run_path: str):
+        super().__init__(last_epoch, run_path)
+        self.last_epoch, self.run_path = last_epoch, run_path
+
+
+def best_checkpoint(result, run_path: str) -> tuple[str | None, dict | None]:
+    """(path, metrics) of the checkpoint with the highest val accuracy (earliest on ties).
+
+    On local storage every complete checkpoint folder counts, including one written just before an interruption
+    that Ray had not registered yet; on remote storage, Ray's record.
+    """
+    if "://" not in run_path:
+        best = ckpt.best_in(run_path)
+        return (str(best), ckpt.read_meta(best)["metrics"]) if best else (None, None)
     if not result.best_checkpoints:
         return None, None
     best, metrics = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_accuracy"], -cm[1]["epoch"]))
@@ -186,7 +256,7 @@ def best_checkpoint(result, local_best: str | None) -> tuple[str | None, dict | 
 def summarize(cfg: TrainConfig, result, run_path: str, wall_seconds: float, val_is_test: bool) -> dict:
     ret = result.return_value or {}
     history = ret.get("history", [])
-    path, best = best_checkpoint(result, ret.get("local_best"))
+    path, best = best_checkpoint(result, run_path)
     train_seconds = sum(h["train_seconds"] for h in history)
 
     return {

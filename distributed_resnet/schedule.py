@@ -4,7 +4,10 @@ In Keras, `LearningRateScheduler` sets the LR from the schedule at the start of 
 `ReduceLROnPlateau` makes at the end of an epoch is overwritten before it acts (see anchors.md). Two
 policies therefore:
 - "keras": the LR is the schedule alone; the plateau monitor still runs, and its (ineffective) cuts are logged.
-- "compose": each plateau cut persists as a multiplier on the schedule, which is what the recipe meant.
+- "compose": each plateau cut persists as a multiplier on the schedule, which is what the recipe meant;
+  `min_lr` is a floor under the product, as `ReduceLROnPlateau(min_lr=...)` promises.
+`schedule_epochs` N places the reference's steps at the same fractions of N (80/200, 120/200, ...), so a short
+run (a sweep trial) goes through the whole recipe in miniature; N = 200 is the reference exactly.
 Pure Python, no torch: the state is a small dict that goes into every checkpoint.
 """
 
@@ -13,15 +16,16 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-# (first 0-based epoch of the step, multiplier of the initial LR), from the reference's lr_schedule():
+# (threshold on the 0-based epoch, multiplier of the initial LR), from the reference's lr_schedule():
 # `if epoch > 180: lr *= 0.5e-3 elif epoch > 160: lr *= 1e-3 elif epoch > 120: lr *= 1e-2 elif epoch > 80: lr *= 1e-1`
-STEPS = ((181, 0.5e-3), (161, 1e-3), (121, 1e-2), (81, 1e-1))
+STEPS = ((180, 0.5e-3), (160, 1e-3), (120, 1e-2), (80, 1e-1))
+REFERENCE_EPOCHS = 200
 
 
-def step_schedule(epoch: int, base_lr: float) -> float:
-    """LR for 0-based `epoch` (Keras passes the 0-based index to the schedule)."""
-    for first_epoch, factor in STEPS:
-        if epoch >= first_epoch:
+def step_schedule(epoch: int, base_lr: float, schedule_epochs: int = REFERENCE_EPOCHS) -> float:
+    """LR for 0-based `epoch` (Keras passes the 0-based index), thresholds scaled to `schedule_epochs`."""
+    for threshold, factor in STEPS:
+        if epoch * REFERENCE_EPOCHS > threshold * schedule_epochs:  # epoch > threshold * N / 200, in integers
             return base_lr * factor
     return base_lr
 
@@ -39,10 +43,11 @@ class LRPolicy:
     """`lr(epoch)` before each epoch, `end_epoch(epoch, val_loss)` after it; `state_dict` for checkpoints."""
 
     def __init__(self, base_lr: float, policy: str = "keras", factor: float = math.sqrt(0.1), patience: int = 5,
-                 min_lr: float = 0.5e-6, cooldown: int = 0, min_delta: float = 1e-4):
+                 min_lr: float = 0.5e-6, cooldown: int = 0, min_delta: float = 1e-4,
+                 schedule_epochs: int = REFERENCE_EPOCHS):
         if policy not in ("keras", "compose"):
             raise ValueError(f"policy must be 'keras' or 'compose', got {policy!r}")
-        self.base_lr, self.policy = base_lr, policy
+        self.base_lr, self.policy, self.schedule_epochs = base_lr, policy, schedule_epochs
         self.factor, self.patience, self.min_lr = factor, patience, min_lr
         self.cooldown, self.min_delta = cooldown, min_delta
         self.state = PlateauState()
@@ -50,11 +55,13 @@ class LRPolicy:
     @classmethod
     def from_config(cls, cfg) -> "LRPolicy":
         return cls(cfg.lr, cfg.lr_policy, cfg.plateau_factor, cfg.plateau_patience, cfg.plateau_min_lr,
-                   cfg.plateau_cooldown, cfg.plateau_min_delta)
+                   cfg.plateau_cooldown, cfg.plateau_min_delta, cfg.schedule_epochs)
 
     def lr(self, epoch: int) -> float:
-        scheduled = step_schedule(epoch, self.base_lr)
-        return scheduled * self.state.multiplier if self.policy == "compose" else scheduled
+        scheduled = step_schedule(epoch, self.base_lr, self.schedule_epochs)
+        if self.policy == "keras":
+            return scheduled
+        return max(scheduled * self.state.multiplier, self.min_lr)
 
     def end_epoch(self, epoch: int, monitored: float) -> bool:
         """Keras' ReduceLROnPlateau.on_epoch_end on the monitored loss; True when it cut the LR."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
+
 from .cli import Parser, add_train_args, config_from_args, main_guard
 
 
@@ -14,9 +17,18 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     args = p.parse_args(argv)
     cfg = config_from_args(args).validate()  # before the slow imports of torch and Ray
-    from .run import run_training
+    from .run import Interrupted, run_training
 
-    results = run_training(cfg, address=args.address, verbose=args.verbose)
+    try:
+        results = run_training(cfg, address=args.address, verbose=args.verbose)
+    except Interrupted as e:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if cfg.name and "--name" not in argv:
+            argv += ["--name", cfg.name]
+        command = shlex.join(["python", "-m", "distributed_resnet.train", *argv, *(["--resume"] if not cfg.resume else [])])
+        done = f"after epoch {e.last_epoch}" if e.last_epoch else "before this session finished an epoch"
+        print(f"\ninterrupted {done}; checkpoints are in {e.run_path}; continue with: {command}", file=sys.stderr, flush=True)
+        return 130
     return 1 if results["stopped"] or results["best_checkpoint"] is None else 0
 
 
