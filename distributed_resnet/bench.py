@@ -36,6 +36,16 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def step_budget(n_images: int, batch: int, steps: int, warmup: int) -> tuple[int, int]:
+    """(timed steps, warm-up steps), shortened so that every step gets a full batch of distinct images from one
+    epoch: past its end the epoch function would time empty batches."""
+    available = n_images // batch
+    if warmup + steps > available:
+        warmup = min(warmup, max(1, available // 5))
+        steps = max(1, available - warmup)
+    return steps, warmup
+
+
 def bench_plain(images, labels, batch, device, steps, warmup, bf16: bool) -> float:
     """images/s of a hand-written eager loop (fp32, or bf16 autocast + channels_last)."""
     model = ResNet().to(device)
@@ -111,7 +121,7 @@ def main(argv=None) -> int:
     data = load_cifar10(args.data_dir)
     images, labels = np.ascontiguousarray(data.train.images), data.train.labels
     steps, warmup = (15, 3) if cpu and args.quick else (40, 5) if cpu else (100, 30) if args.quick else (300, 50)
-    steps = min(steps, len(labels) // args.batch_size - warmup)  # every timed step a full batch of distinct images
+    steps, warmup = step_budget(len(labels), args.batch_size, steps, warmup)
     ray_samples = min(len(labels), args.batch_size * steps)
     ray_epochs = 2 if args.quick else 3
     fast = use_bf16("auto", device)

@@ -58,6 +58,20 @@ def evaluate_checkpoint(checkpoint: str, data_dir: str, batch: int = 1000, devic
     }
 
 
+def write_evaluation(r: dict, out: Path) -> Path:
+    """The evaluation as JSON at `out`, and its confusion matrix as `<stem>_confusion.png` beside it."""
+    import numpy as np
+
+    from .report import confusion_png
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=1))
+    png = out.with_name(out.stem + "_confusion.png")
+    png.write_bytes(confusion_png(np.array(r["confusion_matrix"]), CLASSES,
+                                  f"test accuracy {100 * r['test_accuracy']:.2f}% (epoch {r['epoch']})"))
+    return png
+
+
 def main(argv=None) -> int:
     p = Parser(prog="python -m distributed_resnet.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint_epoch_NNNN folder (or its checkpoint.pt)")
@@ -65,8 +79,6 @@ def main(argv=None) -> int:
     p.add_argument("--output", default=None, help="write the results as JSON here (confusion PNG beside it)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = p.parse_args(argv)
-    from .report import confusion_png
-
     r = evaluate_checkpoint(args.checkpoint, args.data_dir, device=args.device)
     print(f"checkpoint {r['checkpoint']} (ResNet-{r['depth']} v{r['version']}, epoch {r['epoch']}) on "
           f"{r['test_images']:,} test images from {r['data']}")
@@ -74,15 +86,8 @@ def main(argv=None) -> int:
     for c, a in r["per_class_accuracy"].items():
         print(f"  {c:<11} {100 * a:6.2f}%")
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(r, indent=1))
-        png = out.with_name(out.stem + "_confusion.png")
-        import numpy as np
-
-        png.write_bytes(confusion_png(np.array(r["confusion_matrix"]), CLASSES,
-                                      f"test accuracy {100 * r['test_accuracy']:.2f}% (epoch {r['epoch']})"))
-        print(f"wrote {out} and {png}")
+        png = write_evaluation(r, Path(args.output))
+        print(f"wrote {args.output} and {png}")
     return 0
 
 

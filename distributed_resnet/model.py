@@ -96,7 +96,8 @@ class BottleneckBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet v1 (depth 6n+2, 16/32/64 filters) or v2 (depth 9n+2, bottleneck 16->64/128/256)."""
+    """ResNet v1 (depth 6n+2, 16/32/64 filters) or v2 (depth 9n+2, pre-activation bottlenecks 16/64/128 wide with
+    outputs 64/128/256)."""
 
     def __init__(self, depth: int = 20, version: int = 1, num_classes: int = NUM_CLASSES, padding: str = "same"):
         super().__init__()
@@ -115,24 +116,26 @@ class ResNet(nn.Module):
                     stride = 2 if stage > 0 and b == 0 else 1
                     blocks.append(BasicBlock(in_ch, out_ch, stride, padding))
                     in_ch = out_ch
-            self.head_norm = nn.Identity()
         elif version == 2:
             if (depth - 2) % 9:
                 raise ValueError(f"ResNet v2 depth must be 9n+2, got {depth}")
             n = (depth - 2) // 9
             self.stem = ResnetLayer(3, 16, padding=padding)
-            in_ch = 16
+            in_ch = mid_ch = 16
             for stage in range(3):
-                mid_ch = 16 * 2 ** stage
-                out_ch = mid_ch * 4
+                # Keras: num_filters_out = num_filters_in * 4 (stage 0) or * 2, and num_filters_in = num_filters_out
+                # after each stage: bottleneck widths 16, 64, 128; outputs 64, 128, 256.
+                out_ch = mid_ch * (4 if stage == 0 else 2)
                 for b in range(n):
                     stride = 2 if stage > 0 and b == 0 else 1
                     blocks.append(BottleneckBlock(in_ch, mid_ch, out_ch, stride, stage == 0 and b == 0, padding))
                     in_ch = out_ch
-            self.head_norm = nn.Sequential(nn.BatchNorm2d(in_ch, eps=1e-3, momentum=0.01), nn.ReLU(inplace=True))
+                mid_ch = out_ch
         else:
             raise ValueError(f"version must be 1 or 2, got {version}")
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = nn.Sequential(*blocks)  # registered in Keras' creation order: stem, blocks, head, fc
+        self.head_norm = (nn.Sequential(nn.BatchNorm2d(in_ch, eps=1e-3, momentum=0.01), nn.ReLU(inplace=True))
+                          if version == 2 else nn.Identity())
         self.fc = nn.Linear(in_ch, num_classes)
         self.reset_parameters()
 

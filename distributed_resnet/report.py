@@ -21,13 +21,24 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-class ProgressPrinter:
-    """Formats each epoch's metrics as one line, with an ETA from the epochs seen so far in this process."""
+# metric -> TensorBoard tag: the splits of a quantity share a chart
+TENSORBOARD_TAGS = {f"{split}_{kind}": f"{kind}/{split}" for kind in ("loss", "accuracy") for split in ("train", "val", "test")}
+TENSORBOARD_TAGS.update(lr="lr", images_per_second="speed/images_per_second", epoch_seconds="speed/epoch_seconds")
 
-    def __init__(self, epochs: int, stream=None, label: str = ""):
+
+class ProgressPrinter:
+    """Formats each epoch's metrics as one line, with an ETA from the epochs seen so far in this process, and
+    writes them as TensorBoard scalars into `tensorboard_dir` (the run folder) when given."""
+
+    def __init__(self, epochs: int, stream=None, label: str = "", tensorboard_dir: str | None = None):
         self.epochs, self.stream, self.label = epochs, stream or sys.stdout, label
         self.seconds: list[float] = []
         self.last_epoch: int | None = None  # the last finished epoch seen
+        self.tensorboard = None
+        if tensorboard_dir:
+            from tensorboardX import SummaryWriter  # comes with ray[tune]
+
+            self.tensorboard = SummaryWriter(tensorboard_dir, flush_secs=10)
 
     def put(self, m: dict) -> None:
         if "stopped" in m:
@@ -35,6 +46,11 @@ class ProgressPrinter:
             return
         self.seconds.append(m["epoch_seconds"])
         self.last_epoch = m["epoch"]
+        if self.tensorboard is not None:
+            for key, tag in TENSORBOARD_TAGS.items():
+                if m.get(key) is not None:
+                    self.tensorboard.add_scalar(tag, m[key], m["epoch"])
+            self.tensorboard.flush()
         eta = np.mean(self.seconds[-10:]) * (self.epochs - m["epoch"])
         cut = " (plateau cut)" if m.get("lr_cut") else ""
         print(f"{self.label}epoch {m['epoch']:>{len(str(self.epochs))}}/{self.epochs}  lr {m['lr']:.2e}  "

@@ -72,6 +72,10 @@ def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str, str | None]:
         ckpt.check_compatible(ckpt.read_meta(latest), cfg.depth, cfg.version, str(latest), cfg.padding)
     if cfg.init_weights:
         ckpt.load_weights(cfg.init_weights, cfg.depth, cfg.version, cfg.padding)  # a wrong file fails now, not in a worker
+    if cfg.num_workers == 0:
+        from .device import local_device
+
+        local_device(cfg.use_gpu)  # --gpu without a GPU: say so before any work
     return cfg, root, run_path, str(latest) if latest else None
 
 
@@ -190,7 +194,8 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
     t0 = time.time()
     data = load_data(cfg)
     local = cfg.num_workers == 0
-    printer = ProgressPrinter(cfg.epochs, stream=open(os.devnull, "w") if quiet else None)
+    printer = ProgressPrinter(cfg.epochs, stream=open(os.devnull, "w") if quiet else None,
+                              tensorboard_dir=run_path if "://" not in run_path else None)
     if not quiet:
         print(f"run {cfg.name}: ResNet-{cfg.depth} v{cfg.version}, {len(data.train):,} train / {len(data.val):,} "
               f"{'test (as val)' if data.val_is_test else 'val'} / {len(data.test):,} test images from {data.source}, "

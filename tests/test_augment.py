@@ -38,22 +38,49 @@ def test_zero_shift_no_flip_is_identity_per_image():
     assert torch.equal(out, x)
 
 
-def test_random_batch_keeps_dtype_layout_and_pixels():
-    g = torch.Generator().manual_seed(0)
+def test_random_pixel_shift_keeps_dtype_layout_and_pixels():
     x = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    out = random_flip_shift(x_cl, generator=torch.Generator().manual_seed(1))
+    out = random_flip_shift(x_cl, "pixel", generator=torch.Generator().manual_seed(1))
     assert out.dtype == torch.uint8 and out.shape == x.shape
-    # Every image is a flip/shift of itself: its rows are rows of the original (or their mirror), clamped.
+    assert out.is_contiguous(memory_format=torch.channels_last)  # no re-layout before the first conv
     changed = (out != x).flatten(1).any(1).float().mean().item()
     assert changed > 0.8  # 7 x 7 shifts x 2 flips: 1/98 chance of identity
     # Each output pixel value exists in the same image and channel of the input.
     for i in range(4):
         assert set(out[i, 0].unique().tolist()) <= set(x[i, 0].unique().tolist())
-    # About half the images are mirrored: check with shifts forced to zero.
-    flips = random_flip_shift(x, max_shift=0, generator=g)
-    mirrored = (flips == x.flip(3)).flatten(1).all(1).float().mean().item()
-    assert 0.35 < mirrored < 0.65
+
+
+def test_random_bilinear_shift_draws_keras_ranges():
+    """Shifts uniform in [-3.2, 3.2] px per axis (10% of 32), flips with probability 1/2, layout kept."""
+    g = torch.Generator().manual_seed(0)
+    n = 4096
+    ramp = torch.arange(32, dtype=torch.float32)
+    # Rows hold their row index, columns their column index: the output's interior reveals the drawn shifts.
+    rows = ramp.view(1, 1, 32, 1).expand(n, 1, 32, 32)
+    cols = ramp.view(1, 1, 1, 32).expand(n, 1, 32, 32)
+    x = torch.cat([rows, cols, torch.zeros(n, 1, 32, 32)], 1).contiguous(memory_format=torch.channels_last)
+    out = random_flip_shift(x, "bilinear", generator=g)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    dy = 16 - out[:, 0, 16, 16]  # output (16, 16) samples row 16 - dy
+    col = out[:, 1, 16, 16]
+    flipped = (out[:, 1, 16, 20] < out[:, 1, 16, 12])
+    dx = torch.where(flipped, (31 - 16) - col, 16 - col)
+    for d in (dy, dx):
+        assert d.abs().max() <= 3.2 + 1e-5 and d.abs().max() > 3.1
+        assert abs(d.mean()) < 0.1 and abs(d.std() - 3.2 / 3 ** 0.5) < 0.1  # uniform: std = 3.2 / sqrt(3)
+        assert (d - d.round()).abs().mean() > 0.2  # continuous, not whole pixels
+    assert 0.45 < flipped.float().mean() < 0.55
+
+
+def test_fractional_shift_interpolates_between_neighbours():
+    x = torch.rand(1, 3, 32, 32)
+    half = shift_images(x, torch.tensor([[0.0]]), torch.tensor([[0.5]]), torch.tensor([[False]]))
+    torch.testing.assert_close(half[..., 1:], (x[..., 1:] + x[..., :-1]) / 2)
+    torch.testing.assert_close(half[..., 0], x[..., 0])  # beyond the edge: nearest fill
+    whole = shift_images(x, torch.tensor([[2.0]]), torch.tensor([[-1.0]]), torch.tensor([[True]]))
+    exact = shift_images(x, torch.tensor([[2]]), torch.tensor([[-1]]), torch.tensor([[True]]))
+    torch.testing.assert_close(whole, exact, rtol=0, atol=0)  # integral float shifts are exact gathers
 
 
 def test_to_float_scales_to_unit_interval():

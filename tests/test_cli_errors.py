@@ -54,3 +54,19 @@ def test_evaluate_bad_checkpoint(tmp_path, mini_dir):
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
     _one_line_error(run_cli("evaluate", "--checkpoint", str(tmp_path), "--data-dir", mini_dir), "not a readable checkpoint")
     _one_line_error(run_cli("evaluate", "--checkpoint", str(tmp_path / "none"), "--data-dir", mini_dir), "no checkpoint at")
+
+
+def test_more_workers_than_the_cluster_holds_is_refused_at_once(tmp_path, mini_dir):
+    """Ray Train would wait for the resources forever; on a fixed local cluster it is a one-line error."""
+    proc = run_cli("train", "--num-workers", "8", "--epochs", "1", "--data-dir", mini_dir,
+                   "--storage-path", str(tmp_path), "--name", "big", timeout=120)
+    _one_line_error(proc, "8 worker(s) x 1 CPU do not fit on this Ray cluster", "--num-workers")
+
+
+def test_gpu_in_local_mode_without_a_gpu(tmp_path, mini_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_cli("train", "--num-workers", "0", "--gpu", "--data-dir", mini_dir, "--storage-path", str(tmp_path))
+    _one_line_error(proc, "no CUDA GPU")

@@ -22,11 +22,22 @@ def test_defaults_are_the_reference_recipe():
     ({"num_workers": -1}, "--num-workers must be >= 0"),
     ({"val_size": -5}, "--val-size must be >= 0"),
     ({"batch_size": 128, "num_workers": 3}, "does not split evenly over 3 workers"),
+    ({"num_workers": 2, "use_gpu": True, "gpus_per_worker": 0.5}, "would share one GPU, which NCCL refuses"),
+    ({"precision": "fp16"}, "--precision must be one of auto, bf16, fp32"),
+    ({"padding": "valid"}, "--padding must be one of same, symmetric"),
+    ({"shift": "cubic"}, "--shift must be one of bilinear, pixel"),
+    ({"schedule_epochs": 0}, "--schedule-epochs must be a positive integer"),
+    ({"lr": 1e-7}, "--plateau-min-lr 5e-07 must be below --lr 1e-07"),
 ])
 def test_invalid_values_are_one_line_user_errors(kwargs, message):
     with pytest.raises(UserError, match=message) as e:
         TrainConfig(**kwargs).validate()
     assert "\n" not in str(e.value)
+
+
+def test_one_worker_may_share_a_gpu():
+    """Fractions are for Tune trials of one worker each (several trials on one GPU)."""
+    TrainConfig(num_workers=1, use_gpu=True, gpus_per_worker=0.25).validate()
 
 
 def test_per_worker_batch_scales_global_batch():

@@ -13,7 +13,7 @@ def test_resnet20_v1_parameter_count_matches_keras():
     assert count_parameters(ResNet(20, 1)) == 273_066
 
 
-@pytest.mark.parametrize("depth,version,params", [(32, 1, 467_946), (56, 1, 857_706), (20, 2, 221_290), (56, 2, 594_922)])
+@pytest.mark.parametrize("depth,version,params", [(32, 1, 467_946), (56, 1, 857_706), (20, 2, 570_602), (56, 2, 1_663_338)])
 def test_other_depths_build_and_count(depth, version, params):
     model = ResNet(depth, version)
     assert count_parameters(model) == params

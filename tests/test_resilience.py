@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -34,10 +35,14 @@ def read_until_epoch(proc, epoch: int) -> str:
     raise AssertionError(f"run ended before epoch {epoch}:\n{seen}")
 
 
-def train_workers():
+def train_workers(driver) -> list:
+    """The Ray Train workers of this driver's own local cluster (never those of another run on the machine)."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
+    for p in psutil.Process(driver.pid).children(recursive=True):
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
         if cmd and cmd[0].startswith("ray::RayTrainWorker"):
             found.append(p)
     return found
@@ -50,7 +55,7 @@ def printed_epochs(stdout: str) -> list[int]:
 def test_killed_worker_restarts_from_latest_checkpoint(tmp_path, mini_dir):
     proc = start_train(tmp_path, mini_dir, "w", 4)
     before = read_until_epoch(proc, 2)
-    workers = train_workers()
+    workers = train_workers(proc)
     assert len(workers) == 2
     workers[-1].kill()  # SIGKILL one training worker mid-run
     after, _ = proc.communicate(timeout=300)
@@ -87,9 +92,30 @@ def test_killed_driver_resumes_with_resume(tmp_path, mini_dir):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     results = json.loads((tmp_path / "d" / "results.json").read_text())
     start = results["restarts"][0]
-    assert len(results["restarts"]) == 1 and start in (1, 2, 3)
+    # The newest complete checkpoint on disk (epoch 2 was written before its line was printed), even if Ray
+    # had not registered it when the driver died.
+    assert len(results["restarts"]) == 1 and start in (2, 3)
     assert [h["epoch"] for h in results["history"]] == [1, 2, 3, 4]
     assert printed_epochs(resumed.stdout) == list(range(start + 1, 5))  # only the epochs left
+
+
+def test_ctrl_c_says_where_it_stopped_and_resume_continues_from_the_newest_checkpoint(tmp_path, mini_dir):
+    proc = start_train(tmp_path, mini_dir, "c", 8)
+    before = read_until_epoch(proc, 2)
+    os.kill(proc.pid, signal.SIGINT)  # Ctrl-C, as a user would
+    out = before + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    said = [l for l in out.splitlines() if l.startswith("interrupted")]
+    last = printed_epochs(out)[-1]
+    assert len(said) == 1 and f"after epoch {last};" in said[0] and 2 <= last < 8, out
+    command = said[0].split("continue with: ")[1]
+    assert command.endswith("--resume") and "--name c" in command and "Traceback" not in out
+    resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert printed_epochs(resumed.stdout) == list(range(last + 1, 9))  # continued after the last epoch, none re-run
+    results = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert results["restarts"] == [last] and [h["epoch"] for h in results["history"]] == list(range(1, 9))
 
 
 def test_nan_loss_stops_cleanly_and_keeps_best_checkpoint(tmp_path, mini_dir):

@@ -34,6 +34,13 @@ def test_two_ray_workers_train_and_evaluate_reproduces(tmp_path, mini_dir):
     assert results["best_epoch"] == best["epoch"] and results["test_accuracy"] == best["test_accuracy"]
     assert results["final_test_accuracy"] == history[-1]["test_accuracy"]
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # TensorBoard: every epoch's scalars in the run folder (`tensorboard --logdir <storage-path>`)
+    from tensorboard_reader import scalars
+
+    tb = scalars(run)
+    assert [e for e, _ in tb["accuracy/val"]] == [1, 2]
+    assert [v for _, v in tb["accuracy/val"]] == pytest.approx([h["val_accuracy"] for h in results["history"]])
+    assert {"loss/train", "loss/test", "lr", "speed/images_per_second"} <= set(tb)
     ckpt = results["best_checkpoint"]
     assert ckpt.startswith(str(run)) and (tmp_path / ckpt / "checkpoint.pt").is_file()
 
@@ -66,3 +73,48 @@ def test_local_mode_runs_in_process_and_resumes(tmp_path, mini_dir):
     assert second["history"][:2] == first["history"]
     with pytest.raises(UserError, match="is ResNet-20 v1, but this run is ResNet-32 v1"):
         run_training(TrainConfig(epochs=4, resume=True, depth=32, **base), quiet=True)
+
+
+def test_same_seed_same_run(tmp_path, mini_dir):
+    """--seed fixes the initial weights, the split, the data order and the augmentation: two runs are identical."""
+    import torch
+
+    from distributed_resnet.run import run_training
+
+    runs = []
+    for name in ("s1", "s2"):
+        cfg = TrainConfig(num_workers=0, epochs=1, data_dir=mini_dir, storage_path=str(tmp_path), name=name,
+                          max_train_samples=256, val_size=100, seed=3)
+        results = run_training(cfg, quiet=True)
+        state = torch.load(tmp_path / name / "checkpoint_epoch_0001" / "checkpoint.pt", weights_only=False)
+        runs.append(({k: v for k, v in results["history"][0].items() if "seconds" not in k and "per_second" not in k},
+                     state["model"]))
+    (m1, w1), (m2, w2) = runs
+    assert m1 == m2
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    other = run_training(TrainConfig(num_workers=0, epochs=1, data_dir=mini_dir, storage_path=str(tmp_path), name="s3",
+                                     max_train_samples=256, val_size=100, seed=4), quiet=True)
+    assert other["history"][0]["train_loss"] != m1["train_loss"]
+
+
+def test_export_publishes_weights_that_reproduce_the_run(tmp_path, mini_dir):
+    """`export` writes weights only (no optimizer), results, curves and an evaluation that matches the run exactly."""
+    import distributed_resnet
+    from distributed_resnet.export import export_run
+    from distributed_resnet.run import run_training
+
+    results = run_training(TrainConfig(num_workers=0, epochs=1, data_dir=mini_dir, storage_path=str(tmp_path),
+                                       name="run", max_train_samples=256, val_size=100), quiet=True)
+    out = tmp_path / "published"
+    evaluation = export_run(str(tmp_path / "run"), str(out), mini_dir)
+    assert evaluation["test_accuracy"] == results["test_accuracy"]
+    assert {p.name for p in out.iterdir()} == {"checkpoint.pt", "meta.json", "results.json", "curves.png", "eval.json",
+                                                "eval_confusion.png"}
+    import torch
+
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert set(state) == {"format", "model", "meta"} and (out / "checkpoint.pt").stat().st_size < 1.3e6
+    model = distributed_resnet.load_pretrained(str(out))
+    assert not model.training and model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(UserError, match="already exists"):
+        export_run(str(tmp_path / "run"), str(out), mini_dir)
