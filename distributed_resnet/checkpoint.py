@@ -106,8 +106,8 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict, fused: bool
                     state[key] = torch.empty_like(p).copy_(state[key])
 
 
-def newest(*checkpoints) -> "ray.train.Checkpoint | None":  # noqa: F821
-    """The checkpoint with the highest epoch (by its folder name) among those given (None ignored)."""
+def newest(*checkpoints):
+    """The Ray checkpoint with the highest epoch (by its folder name) among those given (None ignored)."""
     found = [c for c in checkpoints if c is not None]
     return max(found, key=lambda c: Path(c.path).name) if found else None
 
@@ -147,9 +147,6 @@ class LocalKeeper:
         for p, _ in kept:
             if p not in keep:
                 shutil.rmtree(p, ignore_errors=True)
-
-    def best(self) -> Path | None:
-        return best_in(self.run_dir)
 
 
 def writable_or_error(path: str) -> None:

@@ -181,7 +181,8 @@ def parse_train_command(monkeypatch, args: list[str]):
         seen["cfg"] = cfg
         return {"stopped": None, "best_checkpoint": "s3://bucket/checkpoint"}
 
-    monkeypatch.setitem(sys.modules, "distributed_resnet.run", types.SimpleNamespace(run_training=fake_run_training))
+    monkeypatch.setitem(sys.modules, "distributed_resnet.run", types.SimpleNamespace(
+        run_training=fake_run_training, Interrupted=type("Interrupted", (Exception,), {})))
     try:
         assert train.main(args) == 0
     except SystemExit as e:  # argparse rejected a flag: the comment documents a command that cannot run
@@ -268,3 +269,40 @@ def test_start_commands_are_rays_standard_ones(config):
     assert "ray start --head --port=6379" in head[1] and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head[1]
     assert "--dashboard-host=0.0.0.0" in head[1]
     assert "ray start --address=$RAY_HEAD_IP:6379" in worker[1]
+
+
+# --- the real sweep fits one GPU node -------------------------------------------------------------
+
+
+def test_lr_plateau_sweep_fills_one_gpu_node_exactly(config):
+    """tune_configs/lr_plateau.yaml against this file: `max_concurrent_trials` trials run on ONE gpu_worker node
+    (their Train workers' CPUs and GPU fractions fit its declared resources), and the trials' own processes
+    (DRIVER_CPU each) are pinned to the head, which has the CPUs for them, so they take nothing from that node.
+    (The autoscaler adds a node only for more concurrent trials, never for a trial's leftover half-GPU.)"""
+    from distributed_resnet.tune import DRIVER_CPU, driver_resources, load_sweep, planned_trials
+
+    spec = load_sweep(str(REPO / "tune_configs" / "lr_plateau.yaml"))
+    res = spec["resources"]
+    concurrent = spec["max_concurrent_trials"]
+    types_ = config["available_node_types"]
+    gpu_node, head = types_["gpu_worker"], types_[config["head_node_type"]]
+
+    # The trial drivers: on the head, all of them at once.
+    drivers = driver_resources(head["resources"]["CPU"], concurrent)
+    assert "node:__internal_head__" in drivers, "trial drivers would compete with Train workers for GPU-node CPUs"
+    assert concurrent * DRIVER_CPU <= head["resources"]["CPU"]
+
+    # The Train workers of `concurrent` trials: on one GPU node, without a CPU or a GPU fraction left over.
+    worker = {"CPU": res.get("cpus_per_worker", 1), "GPU": res.get("gpus_per_worker", 0)}
+    workers = concurrent * res.get("num_workers", 1)
+    assert worker["GPU"] > 0, "the sweep should train on the GPU nodes"
+    assert node_capacity(gpu_node, worker) == workers, (
+        f"one {gpu_node['node_config']['InstanceType']} ({gpu_node['resources']}) holds "
+        f"{node_capacity(gpu_node, worker)} workers of {worker}, the sweep runs {workers} at once")
+    assert workers * worker["CPU"] <= gpu_node["resources"]["CPU"]
+    assert workers * worker["GPU"] <= gpu_node["resources"]["GPU"] + 1e-9
+    assert node_capacity(head, worker) == 0, "a trial's worker could land on the GPU-less head"
+    # More trials than fit at once queue up; the whole sweep is worth more than one node's worth of trials.
+    assert planned_trials(spec) > concurrent
+    # Each 30-epoch trial goes through the whole LR schedule in miniature, and the default recipe is a trial.
+    assert spec["fixed"]["schedule_epochs"] == spec["fixed"]["epochs"]

@@ -1,7 +1,9 @@
-"""The Tune sweep: YAML checks, a real 2-trial sweep end to end, and --resume after the driver is killed."""
+"""The Tune sweep: YAML checks, the default-recipe trial, progress lines, and three real sweeps on the mini set: random
+search with --resume after the driver is killed, Optuna TPE with ASHA, and PBT with an exploit that restores."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +15,8 @@ import yaml
 
 from conftest import REPO, run_cli
 from distributed_resnet.config import UserError
-from distributed_resnet.tune import load_sweep, trial_config
+from distributed_resnet import tune
+from distributed_resnet.tune import default_point, load_sweep, trial_config
 
 SMOKE = REPO / "tune_configs" / "smoke.yaml"
 
@@ -28,7 +31,7 @@ def write_sweep(tmp_path, mini_dir, **overrides) -> Path:
 
 
 def test_shipped_configs_pass_the_schema():
-    for name in ("smoke.yaml", "lr_plateau.yaml"):
+    for name in ("smoke.yaml", "lr_plateau.yaml", "cpu_sweep.yaml"):
         spec = load_sweep(str(REPO / "tune_configs" / name))
         assert spec["metric"] == "val_accuracy" and "lr" in spec["search"]
     spec = load_sweep(str(REPO / "tune_configs" / "lr_plateau.yaml"))
@@ -36,6 +39,121 @@ def test_shipped_configs_pass_the_schema():
                                    "plateau_min_lr"}
     assert spec["resources"]["gpus_per_worker"] < 1  # trials share a GPU
     assert trial_config(spec, {})["use_gpu"] is True
+    assert spec["fixed"]["schedule_epochs"] == spec["fixed"]["epochs"]  # the whole recipe in miniature
+
+
+def test_cpu_sweep_fits_two_cores_and_an_hour():
+    spec = load_sweep(str(REPO / "tune_configs" / "cpu_sweep.yaml"))
+    fixed, res = spec["fixed"], spec["resources"]
+    assert 12 <= tune.planned_trials(spec) <= 16 and 10 <= fixed["epochs"] <= 15
+    assert fixed["schedule_epochs"] == fixed["epochs"]
+    assert fixed["max_train_samples"] == 10000 and fixed["val_size"] == 5000
+    assert spec["max_concurrent_trials"] * res["num_workers"] * res["cpus_per_worker"] <= 2
+    assert res["gpus_per_worker"] == 0 and tune.scheduler_spec(spec)["type"] == "asha"
+    # The bound in its comments: every trial runs every epoch (ASHA stops none), at ~500 images/s per 1-thread
+    # worker plus ~6 s of evaluation and reporting per epoch, two trials at a time, + ~10 s to start each trial.
+    trial_epoch_s = fixed["max_train_samples"] / 500 + 6
+    worst = (tune.planned_trials(spec) * fixed["epochs"] * trial_epoch_s + tune.planned_trials(spec) * 10) / 2
+    assert worst < 3600 * 0.85, f"{worst / 60:.0f} min if ASHA stopped nothing"
+
+
+def test_default_point_and_notes():
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["fixed"]["lr"] = 2e-3  # fixed overrides TrainConfig's default
+    assert default_point(spec) == {"lr": 2e-3, "lr_policy": "keras", "plateau_patience": 5}
+    notes = tune.default_notes(spec)
+    assert len(notes) == 1 and "plateau_patience" in notes[0] and "outside randint [1, 3]" in notes[0]
+    # Optuna cannot enqueue a value missing from a categorical: the choice list gains the default.
+    spec["search"]["lr_policy"] = {"choice": ["compose"]}
+    space = tune.search_space(spec, default_point(spec))
+    assert space["lr_policy"].categories == ["compose", "keras"]
+    assert tune.search_space(spec)["lr_policy"].categories == ["compose"]  # random search: the point sets it
+    # num_samples counts the default; a grid runs num_samples times, plus the default.
+    assert tune.planned_trials(spec) == 4
+    spec["search"]["lr_policy"] = {"grid": ["keras", "compose"]}
+    assert tune.planned_trials(spec) == 9 and tune.planned_trials(spec, 1) == 3
+
+
+def test_default_trial_marking_and_vs_default_text():
+    from distributed_resnet.tune_trials import clip_to_ranges, creation_index, default_trial_id
+
+    tags = ("0", "1_lr=0.0010,lr_policy=keras", "3_lr=0.002@perturbed[lr=0.0016]")
+    assert [creation_index(t) for t in tags] == [0, 1, 3]
+    point = {"lr": 1e-3, "lr_policy": "keras"}
+    trials = [("b", 2, dict(point)), ("a", 1, dict(point)), ("c", 0, {**point, "lr": 2e-3})]
+    assert default_trial_id(trials, point, pbt=False) == "a"  # the first created with the default values
+    assert default_trial_id(trials, point, pbt=True) == "c"  # PBT: the first created; mutations changed it
+    assert default_trial_id(trials[2:], point, pbt=False) is None
+    m = "val_accuracy"
+    default = {"trial_id": "a_00000", m: 0.70, "status": "done"}
+    better = {"trial_id": "a_00003", m: 0.7123, "status": "done"}
+    assert tune.vs_default_text(better, default, m, 1, False) == (
+        "the best trial beats the default recipe by +1.23 points of val_accuracy (71.23% vs 70.00%)")
+    assert tune.vs_default_text(default, default, m, 1, False).startswith("the default recipe is the best trial")
+    assert "does not beat" in tune.vs_default_text({**better, m: 0.70}, default, m, 1, False)
+    failed = {**default, m: None, "status": "error"}
+    assert "reported no val_accuracy" in tune.vs_default_text(better, failed, m, 1, False)
+    assert "-0.0100 val_loss" not in tune.vs_default_text({"trial_id": "b", "val_loss": 0.5},
+                                                           {"trial_id": "a", "val_loss": 0.51}, "val_loss", -1, False)
+    assert "+0.0100 val_loss" in tune.vs_default_text({"trial_id": "b", "val_loss": 0.5},
+                                                      {"trial_id": "a", "val_loss": 0.51}, "val_loss", -1, False)
+    # PBT's explore step is clipped to the search range.
+    assert clip_to_ranges({"lr": (1e-4, 1e-2, False), "plateau_patience": (1, 3, True)},
+                          {"lr": 1.2e-2, "plateau_patience": 0.8, "lr_policy": "keras"}) == {
+        "lr": 1e-2, "plateau_patience": 1, "lr_policy": "keras"}
+
+
+def test_asha_lets_a_trial_end_by_itself_at_its_last_epoch():
+    from ray.tune.schedulers import TrialScheduler
+
+    from distributed_resnet.tune_trials import FinalEpochASHA
+
+    asha = FinalEpochASHA(3, time_attr="epoch", metric="val_accuracy", mode="max", max_t=3, grace_period=1)
+    good, bad = _FakeTrial("x_00000", {"lr": 1e-3}, 0, 0), _FakeTrial("x_00001", {"lr": 1e-3}, 0, 0)
+    for t in (good, bad):
+        asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, good, {"epoch": 1, "val_accuracy": 0.9}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, bad, {"epoch": 1, "val_accuracy": 0.1}) == TrialScheduler.STOP  # mid-run
+    assert asha.on_trial_result(None, good, {"epoch": 3, "val_accuracy": 0.9}) == TrialScheduler.CONTINUE  # not STOP
+
+
+def test_trial_drivers_go_to_the_head_when_it_has_room():
+    assert tune.driver_resources(8, 4) == {"CPU": 0.01, "node:__internal_head__": 0.01}
+    assert tune.driver_resources(0, 4) == {"CPU": 0.01}  # a head without CPUs: anywhere
+    assert tune.driver_resources(None, 4) == {"CPU": 0.01}
+
+
+class _FakeTrial:
+    def __init__(self, trial_id, config, epochs, best, status="RUNNING"):
+        self.trial_id, self.config, self.status = trial_id, config, status
+        self.experiment_tag = f"{int(trial_id[-1]) + 1}_lr={config['lr']}"
+        self.metric_analysis = {"epoch": {"max": epochs}, "val_accuracy": {"max": best}}
+
+    def get_pickled_error(self):
+        return RuntimeError("Traceback ...\nTrialDiverged: the loss became nan at epoch 2")
+
+
+def test_progress_lines_tell_finished_from_stopped_and_error(capsys):
+    from distributed_resnet.tune_trials import ProgressLines
+
+    point = {"lr": 1e-3, "lr_policy": "keras"}
+    cb = ProgressLines("val_accuracy", "max", 4, point, 3, "asha")
+    done = _FakeTrial("x_00000", dict(point), 4, 0.5)
+    stopped = _FakeTrial("x_00001", {"lr": 3e-3, "lr_policy": "compose"}, 2, 0.25)
+    failed = _FakeTrial("x_00002", {"lr": 9e-3, "lr_policy": "keras"}, 1, 0.1)
+    trials = [done, stopped, failed]
+    cb.on_trial_result(0, trials, done, {"epoch": 4, "done": False})  # ran out of epochs: Tune adds done later
+    cb.on_trial_complete(0, trials, done)
+    done.status = "TERMINATED"
+    cb.on_trial_result(0, trials, stopped, {"epoch": 2, "done": True})  # ASHA's STOP marks the result itself
+    cb.on_trial_complete(0, trials, stopped)
+    stopped.status = "TERMINATED"
+    cb.on_trial_error(0, trials, failed)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("[1/3] trial x_00000 (default) finished: 4/4 epochs, best val_accuracy 50.00% | "
+                        "lr=0.001 lr_policy=keras")
+    assert lines[1].startswith("[2/3] trial x_00001 stopped by ASHA: 2/4 epochs, best val_accuracy 25.00%")
+    assert lines[2].startswith("[3/3] trial x_00002 error: 1/4 epochs") and "the loss became nan" in lines[2]
 
 
 @pytest.mark.parametrize("mutate,message", [
@@ -46,7 +164,30 @@ def test_shipped_configs_pass_the_schema():
     (lambda s: s["resources"].update(gpus=1), "unknown key\\(s\\) resources.gpus"),
     (lambda s: s["fixed"].update(depth=21), "--depth 21 is not 6n\\+2"),
     (lambda s: s["search"].update(lr_policy={"choice": ["keras", "cosine"]}), "--lr-policy must be"),
-    (lambda s: s["scheduler"].update(type="pbt"), "scheduler.type must be"),
+    (lambda s: s["scheduler"].update(type="hyperband"), "scheduler.type must be"),
+    (lambda s: s.update(num_samples=0), "num_samples must be an integer >= 1"),
+    (lambda s: s.update(search_alg={"type": "hyperopt"}), "search_alg.type must be 'random' or 'optuna'"),
+    (lambda s: s.update(search_alg={"type": "random", "n_startup_trials": 3}),
+     "unknown key\\(s\\) search_alg.n_startup_trials with search_alg.type random"),
+    (lambda s: s.update(search_alg={"type": "optuna", "seed": "x"}), "search_alg.seed must be an integer"),
+    (lambda s: s.update(search_alg={"type": "optuna"}) or s["search"].update(lr_policy={"grid": ["keras"]}),
+     "search.lr_policy uses grid, which search_alg optuna cannot sample"),
+    (lambda s: s["scheduler"].update(mutate=["lr"]), "unknown key\\(s\\) scheduler.mutate with scheduler.type asha"),
+    (lambda s: s["scheduler"].update(reduction_factor=1), "reduction_factor must be a number above 1"),
+    (lambda s: s.update(scheduler={"type": "pbt"}), "scheduler pbt needs perturbation_interval"),
+    (lambda s: s.update(scheduler={"type": "pbt", "perturbation_interval": 2}), "must be below the trials' epochs"),
+    (lambda s: s.update(scheduler={"type": "pbt", "perturbation_interval": 1, "grace_period": 1}),
+     "unknown key\\(s\\) scheduler.grace_period with scheduler.type pbt"),
+    (lambda s: s.update(scheduler={"type": "pbt", "perturbation_interval": 1, "mutate": ["batch_size"]}),
+     "PBT cannot change batch_size during training"),
+    (lambda s: s.update(scheduler={"type": "pbt", "perturbation_interval": 1, "mutate": ["plateau_factor"]}),
+     "mutate names plateau_factor, which is not in search"),
+    (lambda s: s.update(scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.7}),
+     "quantile_fraction must be in \\(0, 0.5\\]"),
+    (lambda s: s.update(scheduler={"type": "pbt", "perturbation_interval": 1}, search_alg={"type": "optuna"}),
+     "scheduler pbt needs search_alg.type random"),
+    (lambda s: s.update(scheduler={"type": "pbt", "perturbation_interval": 1}, num_samples=4, max_concurrent_trials=2),
+     "trains its whole population at once: max_concurrent_trials \\(2\\) must be >= its 4 trials"),
 ])
 def test_bad_sweep_yaml_is_one_line_user_error(tmp_path, mutate, message):
     spec = yaml.safe_load(SMOKE.read_text())
@@ -54,6 +195,17 @@ def test_bad_sweep_yaml_is_one_line_user_error(tmp_path, mutate, message):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(UserError, match=message) as e:
+        load_sweep(str(path))
+    assert "\n" not in str(e.value)
+
+
+def test_optuna_missing_is_one_line_user_error(tmp_path, monkeypatch):
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["search_alg"] = {"type": "optuna"}
+    path = tmp_path / "optuna.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
+    with pytest.raises(UserError, match="pip install 'distributed-resnet\\[tune\\]'") as e:
         load_sweep(str(path))
     assert "\n" not in str(e.value)
 
@@ -88,6 +240,7 @@ def test_sweep_resumes_after_driver_killed_and_picks_best_by_val(tmp_path, mini_
     stamp = {p: p.stat().st_mtime_ns for p in finished.rglob("checkpoint.pt")}
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
     driver.wait()
+    first_out = driver.stdout.read().decode()
     time.sleep(2)
 
     proc = run_cli("tune", "--config", str(config), "--storage-path", str(tmp_path), "--name", "s", "--resume")
@@ -95,15 +248,91 @@ def test_sweep_resumes_after_driver_killed_and_picks_best_by_val(tmp_path, mini_
     assert {p: p.stat().st_mtime_ns for p in finished.rglob("checkpoint.pt")} == stamp  # not rerun
     assert "best trial" in proc.stdout and "val_accuracy" in proc.stdout  # the table
     trials = json.loads((tmp_path / "s" / "trials.json").read_text())
-    assert len(trials) == 2 and all(t["status"] == "done" and t["epochs"] >= 1 for t in trials)  # ASHA may stop one
+    assert len(trials) == 2 and all(t["status"] in ("done", "stopped") and t["epochs"] >= 1 for t in trials)  # ASHA
+    # The default recipe was one of the two trials, marked in trials.json and in the table, and compared.
+    assert "note: search.plateau_patience: the default 5 lies outside randint [1, 3]" in first_out
+    default = [t for t in trials if t["default"]]
+    assert len(default) == 1 and default[0]["config"] == {"lr": 1e-3, "lr_policy": "keras", "plateau_patience": 5}
+    assert default[0]["vs_default"] == 0 and re.search(r"^\* " + default[0]["trial_id"][:13], proc.stdout, re.M)
+    assert "vs default: the " in proc.stdout
+    # One progress line per trial as it ended, from the first driver or the resumed one.
+    lines = [line for line in (first_out + proc.stdout).splitlines() if re.match(r"\[\d/2\] trial ", line)]
+    for t in trials:
+        assert any(f"trial {t['trial_id']}" in line for line in lines), (t["trial_id"], lines)
+    assert any(f"trial {default[0]['trial_id']} (default) " in line for line in lines)
     assert trials[0]["val_accuracy"] >= trials[1]["val_accuracy"]  # sorted by validation accuracy
     best = json.loads((tmp_path / "s" / "best.json").read_text())
     assert best["trial_id"] == trials[0]["trial_id"] and best["val_accuracy"] == trials[0]["val_accuracy"]
     assert Path(best["checkpoint"], "checkpoint.pt").is_file()
     assert 0 <= best["test_accuracy"] <= 1 and set(best["config"]) >= {"lr", "lr_policy", "plateau_patience"}
+    assert best["default_trial_id"] == default[0]["trial_id"] and best["beats_default_by"] >= 0
+    assert best["default_val_accuracy"] == default[0]["val_accuracy"] and best["vs_default"].startswith("the ")
     # The selected checkpoint is the best-val epoch of the best trial; test accuracy played no part in it.
     meta = json.loads(Path(best["checkpoint"], "meta.json").read_text())
     assert meta["metrics"]["val_accuracy"] == best["val_accuracy"] and meta["metrics"]["test_accuracy"] is None
     # Without --resume the sweep folder is refused.
     again = run_cli("tune", "--config", str(config), "--storage-path", str(tmp_path), "--name", "s")
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def progress_lines(out: str, total: int) -> list[str]:
+    return [line for line in out.splitlines() if re.match(rf"\[\d+/{total}\] trial ", line)]
+
+
+def test_optuna_sweep_with_asha_starts_from_the_default(tmp_path, mini_dir):
+    config = write_sweep(tmp_path, mini_dir, num_samples=2, max_concurrent_trials=2,
+                         search_alg={"type": "optuna", "seed": 1, "n_startup_trials": 1})
+    spec = yaml.safe_load(config.read_text())
+    spec["fixed"]["epochs"] = 1  # ASHA is on, with nothing to stop: a stopped trial would only cost time here
+    config.write_text(yaml.safe_dump(spec))
+    proc = run_cli("tune", "--config", str(config), "--storage-path", str(tmp_path), "--name", "o")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 trials (optuna search, asha scheduler; the first runs the default recipe)" in proc.stdout
+    assert "Trial status" not in proc.stdout  # Tune's own tables stay off
+    lines = progress_lines(proc.stdout, 2)
+    assert len(lines) == 2 and sum(" (default) " in line for line in lines) == 1, lines
+    assert all(re.search(r" finished: 1/1 epochs, best val_accuracy \d", line) for line in lines), lines
+    trials = json.loads((tmp_path / "o" / "trials.json").read_text())
+    default = [t for t in trials if t["default"]]
+    assert len(trials) == 2 and len(default) == 1
+    # plateau_patience 5 lies outside randint [1, 3]: Optuna still runs it (numeric values may be enqueued outside)
+    assert default[0]["config"] == {"lr": 1e-3, "lr_policy": "keras", "plateau_patience": 5}
+    assert list((tmp_path / "o").glob(f"run_trial_{default[0]['trial_id']}_1_*"))  # the first trial Optuna created
+    for t in trials:
+        if not t["default"]:
+            assert 1e-4 <= t["config"]["lr"] <= 1e-2 and 1 <= t["config"]["plateau_patience"] <= 3
+    best = json.loads((tmp_path / "o" / "best.json").read_text())
+    assert best["default_trial_id"] == default[0]["trial_id"] and "vs default: " in proc.stdout
+
+
+def test_pbt_exploits_and_the_copy_restores_with_the_mutated_lr(tmp_path, mini_dir):
+    """Synchronous PBT, 2 trials, an exploit after every epoch: the lower trial goes on from the upper one's
+    checkpoint (weights, Adam, history) with a perturbed lr, which is the LR its next epoch trains at."""
+    import pandas as pd
+    import torch
+
+    config = write_sweep(tmp_path, mini_dir, num_samples=2, max_concurrent_trials=2,
+                         scheduler={"type": "pbt", "perturbation_interval": 1, "mutate": ["lr"],
+                                    "quantile_fraction": 0.5, "resample_probability": 0.0, "synch": True})
+    proc = run_cli("tune", "--config", str(config), "--storage-path", str(tmp_path), "--name", "p")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"^PBT: [1-9]\d* exploit", proc.stdout, re.M), proc.stdout
+    assert len(progress_lines(proc.stdout, 2)) == 2
+    # Every trial's reported rows (progress.csv: Tune's result.json can lose rows when a trial restarts).
+    rows = {f.parent.name: pd.read_csv(f).to_dict("records") for f in (tmp_path / "p").glob("*/progress.csv")}
+    copied = [(trial, r) for trial, rs in rows.items() for r in rs  # from another trial's Tune checkpoint
+              if isinstance(r.get("restored_from"), str) and Path(r["restored_from"]).parent.name in rows
+              and Path(r["restored_from"]).parent.name != trial]
+    assert copied, "no trial went on from another trial's checkpoint"
+    trial, row = copied[0]
+    seam = json.loads((Path(row["restored_from"]) / "meta.json").read_text())  # the donor's checkpoint
+    assert row["segment_start"] == seam["epoch"] == 1 and row["epoch"] == 2
+    state = torch.load(Path(row["checkpoint_path"]) / "checkpoint.pt", weights_only=False)
+    assert state["history"][0] == seam["metrics"]  # the run went on from the donor's epoch 1
+    # It trained epoch 2 at the donor's lr perturbed by PBT (x0.8 or x1.2; the step schedule is still at 1x).
+    assert row["lr"] in (pytest.approx(seam["config"]["lr"] * 0.8), pytest.approx(seam["config"]["lr"] * 1.2))
+    trials = json.loads((tmp_path / "p" / "trials.json").read_text())
+    assert len(trials) == 2 and all(t["epochs"] == 2 and t["status"] == "done" for t in trials)
+    assert sum(t["default"] for t in trials) == 1 and "under PBT" in proc.stdout
+    best = json.loads((tmp_path / "p" / "best.json").read_text())
+    assert Path(best["checkpoint"], "checkpoint.pt").is_file()
