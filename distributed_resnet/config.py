@@ -57,7 +57,7 @@ class TrainConfig:
     storage_path: str = "~/ray_results"  # Ray's convention; an s3:// URI on a cluster
     name: str | None = None  # run folder under storage_path; default resnet{depth}v{version}_{time}
     resume: bool = False
-    num_to_keep: int = 2  # checkpoints kept: the best by val accuracy and the latest
+    num_to_keep: int = 2  # checkpoints kept: the best by val accuracy, plus always the latest
 
     # --- speed (each on by default where it helps: see the README's speed section) ---
     precision: str = "auto"  # "bf16": autocast + channels_last + fused Adam; "auto": bf16 on CUDA and on CPUs
