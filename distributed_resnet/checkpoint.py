@@ -4,8 +4,8 @@ A checkpoint is a folder `checkpoint_epoch_NNNN/` with `checkpoint.pt` (model, o
 epoch, RNG seeds, metric history) and `meta.json` (the same facts a person or `evaluate` needs, readable
 without torch). A weights-only checkpoint (the shipped pretrained model, a converted Keras model) has the
 same two files with just the model and its meta. Ray Train copies the folder to storage and tracks the best
-by `val_accuracy`; in local mode
-(`--num-workers 0`) Ray keeps nothing, so `LocalKeeper` does the same job in the run folder.
+by `val_accuracy`; in local mode (`--num-workers 0`) Ray keeps nothing, so `LocalKeeper` does the same job in
+the run folder.
 """
 
 from __future__ import annotations
