@@ -29,11 +29,13 @@ def dir_name(epoch: int) -> str:
 
 
 def save(folder: str | Path, state: dict) -> None:
-    """`state["meta"]` also goes to meta.json, written last: a folder without it is incomplete."""
+    """`state["meta"]` also goes to meta.json, written last with the size of checkpoint.pt: a folder without it, or
+    whose checkpoint.pt has another size (a copy cut short), is incomplete."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({"format": FORMAT, **state}, folder / STATE_FILE)
-    (folder / META_FILE).write_text(json.dumps({"format": FORMAT, **state["meta"]}, indent=1))
+    size = (folder / STATE_FILE).stat().st_size
+    (folder / META_FILE).write_text(json.dumps({"format": FORMAT, **state["meta"], "state_bytes": size}, indent=1))
 
 
 def load(path: str | Path, map_location="cpu") -> dict:
@@ -113,9 +115,21 @@ def newest(*checkpoints):
     return max(found, key=lambda c: Path(c.path).name) if found else None
 
 
+def is_complete(folder: Path) -> bool:
+    """meta.json is there and checkpoint.pt has the size it records (checkpoints older than that record: just
+    meta.json). Ray copies a checkpoint's files in parallel, so an interrupted copy can leave meta.json whole."""
+    meta = read_meta(folder)
+    if meta is None:
+        return False
+    try:
+        return meta.get("state_bytes", -1) in (-1, (folder / STATE_FILE).stat().st_size)
+    except OSError:
+        return False
+
+
 def complete_in(run_dir: str | Path) -> list[Path]:
-    """The complete checkpoint folders (those with meta.json, written last) in a local run folder, oldest first."""
-    return sorted(p for p in Path(run_dir).glob("checkpoint_epoch_*") if (p / META_FILE).is_file())
+    """The complete checkpoint folders in a local run folder, oldest first."""
+    return sorted(p for p in Path(run_dir).glob("checkpoint_epoch_*") if is_complete(p))
 
 
 def latest_in(run_dir: str | Path) -> Path | None:

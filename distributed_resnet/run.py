@@ -208,7 +208,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
         try:
             result = build_trainer(cfg, root, loop_config).fit()
         except (KeyboardInterrupt, SystemExit) as e:
-            raise Interrupted(printer.last_epoch, run_path) from e
+            raise Interrupted(last_saved_epoch(printer.last_epoch, run_path), run_path) from e
     else:
         from ray.util.queue import Queue
 
@@ -222,7 +222,8 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
             with QueueDrain(queue, printer):
                 result = trainer.fit()
         except SystemExit as e:  # Ray's SIGINT handler in fit(): the controller is aborted, the checkpoints stay
-            raise Interrupted(printer.last_epoch, run_path) from e
+            stop_local_ray()
+            raise Interrupted(last_saved_epoch(printer.last_epoch, run_path), run_path) from e
         except ray.train.TrainingFailedError as e:
             raise RuntimeError(f"training failed after {cfg.max_failures} restart(s): {e}\n"
                                f"the checkpoints so far are in {run_path}: continue with --resume") from e
@@ -233,6 +234,27 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
             print(line, flush=True)
         print(f"results: {run_path}/results.json, curves: {run_path}/curves.png", flush=True)
     return results
+
+
+def stop_local_ray(timeout: float = 30) -> None:
+    """Shut Ray down and wait for the processes this driver started (a local cluster and its workers) to exit, so
+    that no worker is still writing a checkpoint when the driver says which epoch it stopped after."""
+    import psutil
+    import ray
+
+    ours = psutil.Process().children(recursive=True)
+    ray.shutdown()
+    psutil.wait_procs(ours, timeout=timeout)
+
+
+def last_saved_epoch(printed: int | None, run_path: str) -> int | None:
+    """The epoch a resume continues after: the newest complete checkpoint on local disk, which may be one epoch
+    ahead of the last printed line (Ctrl-C between a checkpoint's write and its line); else the last printed epoch."""
+    if "://" in run_path:
+        return printed
+    latest = ckpt.latest_in(run_path)
+    saved = ckpt.read_meta(latest)["epoch"] if latest else None
+    return max((e for e in (printed, saved) if e), default=None)
 
 
 class Interrupted(Exception):

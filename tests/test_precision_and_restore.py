@@ -122,6 +122,21 @@ def test_restore_keeps_adams_step_on_the_host_for_non_fused():
     assert all(s.device.type == "cpu" and s.item() == 1 for s in steps)
 
 
+def test_a_checkpoint_copy_cut_short_is_not_resumed_from(tmp_path):
+    """Ray copies a checkpoint's files in parallel: a copy killed midway can leave meta.json whole beside a
+    truncated checkpoint.pt. Resume and best-checkpoint choice must skip it, and loading it says so in one line."""
+    model = ResNet(depth=8)
+    for epoch in (1, 2):
+        ckpt.save(tmp_path / ckpt.dir_name(epoch), {"model": model.state_dict(),
+                                                      "meta": {"epoch": epoch, "metrics": {"val_accuracy": epoch}}})
+    assert ckpt.latest_in(tmp_path).name == ckpt.dir_name(2) and ckpt.best_in(tmp_path).name == ckpt.dir_name(2)
+    cut = tmp_path / ckpt.dir_name(2) / ckpt.STATE_FILE
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    assert ckpt.latest_in(tmp_path).name == ckpt.dir_name(1) and ckpt.best_in(tmp_path).name == ckpt.dir_name(1)
+    with pytest.raises(UserError, match="truncated"):
+        ckpt.load(cut.parent)
+
+
 def test_bench_times_only_full_batches_of_real_images():
     from distributed_resnet.bench import step_budget
 
