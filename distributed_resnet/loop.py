@@ -56,10 +56,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                                  fused=fast or None)
     policy = LRPolicy.from_config(cfg)
     start_epoch, history, restarts = 0, [], []
-    # The driver names the newest complete checkpoint on disk when resuming: it can be newer than the last one
-    # Ray registered (a run stopped between the upload and the controller's next poll).
-    on_disk = loop_config.get("resume_from")
-    restored = ckpt.newest(ray.train.get_checkpoint(), ray.train.Checkpoint.from_directory(on_disk) if on_disk else None)
+    restored = _checkpoint_to_restore(loop_config, rank, world)
     if restored is not None:
         with restored.as_directory() as folder:
             state = ckpt.load(folder)  # on the CPU: load_state_dict places each tensor (Adam's step stays on the host)
@@ -128,6 +125,25 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     return {"history": history, "restarts": restarts, "stopped": stopped, "device": str(device),
             "worker_nodes": _gather_node_ids(world),
             "parameters": count_parameters(model)}
+
+
+def _checkpoint_to_restore(loop_config: dict, rank: int, world: int):
+    """The newest of Ray's latest registered checkpoint and the newest complete one in the run folder on disk.
+
+    On local storage the folder can be ahead of Ray's record: a run stopped (Ctrl-C, a killed driver, a killed
+    worker) between a checkpoint's upload and the controller registering it. Rank 0 decides, and every rank
+    restores the same one.
+    """
+    registered = ray.train.get_checkpoint()  # the same on every rank
+    run_dir = loop_config.get("run_dir") or loop_config.get("local_run_dir")
+    on_disk = [None]
+    if rank == 0:
+        found = (ckpt.latest_in(run_dir) if run_dir else None) or loop_config.get("resume_from")
+        newer = found and ckpt.newest(registered, ray.train.Checkpoint.from_directory(str(found))) is not registered
+        on_disk = [str(found) if newer else None]
+    if world > 1:
+        dist.broadcast_object_list(on_disk, src=0)
+    return ray.train.Checkpoint.from_directory(on_disk[0]) if on_disk[0] else registered
 
 
 def shard_order(n: int, world: int, rank: int, seed: int, epoch: int) -> np.ndarray:

@@ -216,7 +216,8 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
         check_cluster_fits(cfg, resolve_use_gpu(cfg))
         queue = Queue(actor_options={"num_cpus": 0})
         loop_config = {"config": cfg.to_dict(), "data": data_refs(data, ray.put), "val_is_test": data.val_is_test,
-                       "progress": queue, "resume_from": resume_from}
+                       "progress": queue, "resume_from": resume_from,
+                       "run_dir": run_path if "://" not in run_path else None}
         trainer = build_trainer(cfg, root, loop_config)
         try:
             with QueueDrain(queue, printer):
