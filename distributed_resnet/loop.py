@@ -78,6 +78,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     batch = cfg.global_batch_size // world
     steps = math.ceil(n_train / cfg.global_batch_size)
     stopped = None
+    if history and start_epoch >= cfg.epochs:
+        # Restored from the last epoch's checkpoint (written just before the run stopped): nothing is left to
+        # train, so report that epoch again for Ray Train's result and Tune's trial (every rank reports).
+        ray.train.report(history[-1])
     for epoch in range(start_epoch, cfg.epochs):
         lr = policy.lr(epoch)
         for group in optimizer.param_groups:

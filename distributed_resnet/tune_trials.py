@@ -34,7 +34,9 @@ def run_trial(sampled: dict, spec: dict, data: dict, val_is_test: bool, trials_r
     values = trial_config(spec, sampled)
     values["name"] = ray.tune.get_context().get_trial_id()  # a restarted trial finds its own Ray Train run again
     cfg = TrainConfig.from_dict({**values, "storage_path": trials_root}).validate()
-    loop_config = {"config": cfg.to_dict(), "data": data, "val_is_test": val_is_test}
+    # On local storage a restarted worker group also looks in the run folder for a checkpoint Ray had not registered.
+    run_dir = f"{trials_root}/{cfg.name}" if "://" not in trials_root else None
+    loop_config = {"config": cfg.to_dict(), "data": data, "val_is_test": val_is_test, "run_dir": run_dir}
     result = build_trainer(cfg, trials_root, loop_config, callbacks=[TuneReportCallback()]).fit()
     _raise_if_diverged(result)
 

@@ -52,3 +52,20 @@ def run_cli(module: str, *args: str, env: dict | None = None, timeout: float = 6
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", f"distributed_resnet.{module}", *args], capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=cwd or REPO)
+
+
+def kill_with_everything_it_started(proc) -> None:
+    """SIGKILL a driver (a Popen) and every process it started, at once, as when its machine goes down, and wait
+    for them. Ray's workers have process groups of their own: a killpg of the driver's group alone leaves them
+    running, and writing checkpoints, for a few seconds."""
+    import psutil
+
+    doomed = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for stop in ("suspend", "kill"):
+        for p in doomed:
+            try:
+                getattr(p, stop)()
+            except psutil.NoSuchProcess:
+                pass
+    proc.wait()
+    psutil.wait_procs(doomed[1:], timeout=30)

@@ -14,7 +14,7 @@ import psutil
 
 from distributed_resnet import checkpoint as ckpt
 
-from conftest import REPO, run_cli
+from conftest import REPO, kill_with_everything_it_started, run_cli
 
 SMALL = ["--max-train-samples", "256", "--val-size", "100"]
 
@@ -82,17 +82,7 @@ def test_killed_worker_restarts_from_latest_checkpoint(tmp_path, mini_dir):
 def test_killed_driver_resumes_with_resume(tmp_path, mini_dir):
     proc = start_train(tmp_path, mini_dir, "d", 8)
     read_until_epoch(proc, 2, settle=0)
-    # The driver and every process of the local Ray cluster it started, at once, as when its machine goes down
-    # (Ray's workers have their own process groups: a killpg of the driver's alone leaves them writing a while).
-    doomed = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for stop in ("suspend", "kill"):
-        for p in doomed:
-            try:
-                getattr(p, stop)()
-            except psutil.NoSuchProcess:
-                pass
-    proc.wait()
-    psutil.wait_procs(doomed, timeout=30)
+    kill_with_everything_it_started(proc)
     on_disk = ckpt.latest_in(tmp_path / "d")
     last = ckpt.read_meta(on_disk)["epoch"]  # written before its line was printed, maybe not registered by Ray
     assert 2 <= last < 8

@@ -71,8 +71,29 @@ def test_local_mode_runs_in_process_and_resumes(tmp_path, mini_dir):
     second = run_training(TrainConfig(epochs=3, resume=True, **base), quiet=True)
     assert second["restarts"] == [2] and [h["epoch"] for h in second["history"]] == [1, 2, 3]
     assert second["history"][:2] == first["history"]
+    # Resuming a run whose last checkpoint is its final epoch trains nothing and reports that epoch again.
+    third = run_training(TrainConfig(epochs=3, resume=True, **base), quiet=True)
+    assert third["restarts"] == [2, 3] and third["history"] == second["history"]
+    assert third["test_accuracy"] == second["test_accuracy"] and third["best_epoch"] == second["best_epoch"]
     with pytest.raises(UserError, match="is ResNet-20 v1, but this run is ResNet-32 v1"):
         run_training(TrainConfig(epochs=4, resume=True, depth=32, **base), quiet=True)
+
+
+def test_a_run_restored_at_its_last_epoch_still_reports_it(tmp_path, mini_dir):
+    """A run restored from its final epoch's checkpoint (a sweep trial whose driver died just after writing it)
+    trains nothing, yet Ray's result, which Tune's trial is judged by, still carries that epoch's metrics."""
+    from distributed_resnet.run import build_trainer, data_refs, load_data, run_training
+
+    base = dict(num_workers=0, data_dir=mini_dir, storage_path=str(tmp_path), name="done", max_train_samples=256,
+                val_size=100, epochs=2)
+    first = run_training(TrainConfig(**base), quiet=True)
+    cfg = TrainConfig(resume=True, **base)
+    data = load_data(cfg)
+    loop_config = {"config": cfg.to_dict(), "data": data_refs(data, lambda a: a), "val_is_test": data.val_is_test,
+                   "local_run_dir": str(tmp_path / "done")}
+    result = build_trainer(cfg, str(tmp_path), loop_config).fit()
+    assert result.metrics["epoch"] == 2 and result.metrics["val_accuracy"] == first["history"][-1]["val_accuracy"]
+    assert result.return_value["restarts"] == [2] and result.return_value["history"] == first["history"]
 
 
 def test_same_seed_same_run(tmp_path, mini_dir):

@@ -4,7 +4,6 @@ search with --resume after the driver is killed, Optuna TPE with ASHA, and PBT w
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO, kill_with_everything_it_started, run_cli
 from distributed_resnet.config import UserError
 from distributed_resnet import tune
 from distributed_resnet.tune import default_point, load_sweep, trial_config
@@ -238,10 +237,8 @@ def test_sweep_resumes_after_driver_killed_and_picks_best_by_val(tmp_path, mini_
         time.sleep(0.5)
     assert finished and started, "the sweep did not reach the second trial in time"
     stamp = {p: p.stat().st_mtime_ns for p in finished.rglob("checkpoint.pt")}
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
-    driver.wait()
+    kill_with_everything_it_started(driver)
     first_out = driver.stdout.read().decode()
-    time.sleep(2)
 
     proc = run_cli("tune", "--config", str(config), "--storage-path", str(tmp_path), "--name", "s", "--resume")
     assert proc.returncode == 0, proc.stdout + proc.stderr
