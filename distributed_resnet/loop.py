@@ -135,8 +135,9 @@ def _checkpoint_to_restore(loop_config: dict, rank: int, world: int):
     """The newest of Ray's latest registered checkpoint and the newest complete one in the run folder on disk.
 
     On local storage the folder can be ahead of Ray's record: a run stopped (Ctrl-C, a killed driver, a killed
-    worker) between a checkpoint's upload and the controller registering it. Rank 0 decides, and every rank
-    restores the same one.
+    worker) between a checkpoint's upload and the controller registering it; this also finds the checkpoint a
+    `--resume` continues from. Without a run folder (remote storage, PBT segments) `resume_from` names one.
+    Rank 0 decides, and every rank restores the same one.
     """
     registered = ray.train.get_checkpoint()  # the same on every rank
     run_dir = loop_config.get("run_dir") or loop_config.get("local_run_dir")

@@ -55,10 +55,11 @@ def init_ray(address: str | None = None, verbose: bool = False, extra_cpus: floa
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}} if not verbose else None)
 
 
-def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str, str | None]:
+def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str]:
     """Validate, name the run, and guard its folder.
 
-    Returns (cfg with name set, storage root, run path, the newest complete checkpoint on local disk when resuming).
+    Returns (cfg with name set, storage root, run path). When resuming, the newest checkpoint on local disk must
+    match this run; the loop itself restores from the newest one in the run folder.
     """
     cfg.validate()
     if not cfg.name:
@@ -76,7 +77,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str, str | None]:
         from .device import local_device
 
         local_device(cfg.use_gpu)  # --gpu without a GPU: say so before any work
-    return cfg, root, run_path, str(latest) if latest else None
+    return cfg, root, run_path
 
 
 def guard_folder(root: str, name: str, resume: bool, what: str) -> str:
@@ -189,7 +190,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
     """Train, then write results.json and curves.png into the run folder; returns the results dict."""
     import ray
 
-    cfg, root, run_path, resume_from = prepare_run(cfg)
+    cfg, root, run_path = prepare_run(cfg)
     quiet_ray_logs(verbose)
     t0 = time.time()
     data = load_data(cfg)
@@ -204,7 +205,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
     if local:
         os.makedirs(run_path, exist_ok=True)
         loop_config = {"config": cfg.to_dict(), "data": data_refs(data, lambda a: a), "val_is_test": data.val_is_test,
-                       "local_run_dir": run_path, "progress": printer, "resume_from": resume_from}
+                       "local_run_dir": run_path, "progress": printer}
         try:
             result = build_trainer(cfg, root, loop_config).fit()
         except (KeyboardInterrupt, SystemExit) as e:
@@ -216,8 +217,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
         check_cluster_fits(cfg, resolve_use_gpu(cfg))
         queue = Queue(actor_options={"num_cpus": 0})
         loop_config = {"config": cfg.to_dict(), "data": data_refs(data, ray.put), "val_is_test": data.val_is_test,
-                       "progress": queue, "resume_from": resume_from,
-                       "run_dir": run_path if "://" not in run_path else None}
+                       "progress": queue, "run_dir": run_path if "://" not in run_path else None}
         trainer = build_trainer(cfg, root, loop_config)
         try:
             with QueueDrain(queue, printer):
