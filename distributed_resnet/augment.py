@@ -31,8 +31,9 @@ def random_flip_shift(images: torch.Tensor, shift: str = "bilinear", generator: 
         dy = torch.randint(-int(SHIFT_FRACTION * h), int(SHIFT_FRACTION * h) + 1, (n, 1), device=dev, generator=generator)
         dx = torch.randint(-int(SHIFT_FRACTION * w), int(SHIFT_FRACTION * w) + 1, (n, 1), device=dev, generator=generator)
     elif shift == "bilinear":
-        scale = torch.tensor([[SHIFT_FRACTION * h, SHIFT_FRACTION * w]], device=dev)
-        dy, dx = ((torch.rand((n, 2), device=dev, generator=generator) * 2 - 1) * scale).split(1, dim=1)
+        # Scalars, not a tensor built from a Python list: that would be a blocking host-to-device copy per step.
+        uniform = torch.rand((n, 2), device=dev, generator=generator) * 2 - 1
+        dy, dx = uniform[:, :1] * (SHIFT_FRACTION * h), uniform[:, 1:] * (SHIFT_FRACTION * w)
     else:
         raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
     return shift_images(images, dy, dx, flip)

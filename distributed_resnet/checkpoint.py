@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -45,9 +47,15 @@ def load(path: str | Path, map_location="cpu") -> dict:
     if not file.is_file():
         raise UserError(f"no checkpoint at {path}: expected a checkpoint_epoch_NNNN folder holding {STATE_FILE}")
     try:
-        state = torch.load(file, map_location=map_location, weights_only=False)
+        # weights_only: tensors, dicts, lists, numbers and strings only; a pickled object (code) is refused.
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", str(e), re.IGNORECASE)
+        what = found.group(1) if found else "a pickled object"
+        raise UserError(f"{file} holds more than tensors and plain values ({what}), which could run code: "
+                        f"not loaded; use a checkpoint this project wrote") from None
     except Exception as e:
-        raise UserError(f"{file} is not a readable checkpoint ({type(e).__name__}); it may be truncated: use another")
+        raise UserError(f"{file} is not a readable checkpoint ({type(e).__name__}); it may be truncated: use another") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise UserError(f"{file} is not a distributed_resnet checkpoint (format {FORMAT})")
     return state
@@ -67,9 +75,23 @@ def save_weights(folder: str | Path, model_state: dict, meta: dict) -> None:
 
 def read_meta(folder: str | Path) -> dict | None:
     try:
-        return json.loads((Path(folder) / META_FILE).read_text())
-    except (OSError, ValueError):
+        return parse_meta((Path(folder) / META_FILE).read_bytes())
+    except OSError:
         return None
+
+
+def parse_meta(payload: bytes) -> dict | None:
+    try:
+        meta = json.loads(payload)
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def selection_key(metrics: dict) -> tuple[float, int]:
+    """How checkpoints are ranked everywhere: val accuracy, then the later epoch on ties (as Ray's
+    CheckpointConfig keeps the latest of tied checkpoints)."""
+    return metrics["val_accuracy"], metrics["epoch"]
 
 
 def padding_of(meta: dict) -> str:
@@ -138,10 +160,10 @@ def latest_in(run_dir: str | Path) -> Path | None:
 
 
 def best_in(run_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest val accuracy (earliest on ties)."""
+    """The complete checkpoint with the highest val accuracy (the latest on ties)."""
     scored = [(p, read_meta(p)) for p in complete_in(run_dir)]
     scored = [(p, m) for p, m in scored if m and m.get("metrics", {}).get("val_accuracy") is not None]
-    return max(scored, key=lambda pm: (pm[1]["metrics"]["val_accuracy"], -pm[1]["epoch"]))[0] if scored else None
+    return max(scored, key=lambda pm: selection_key(pm[1]["metrics"]))[0] if scored else None
 
 
 class LocalKeeper:
@@ -157,7 +179,7 @@ class LocalKeeper:
         kept = self.kept()
         if not kept:
             return
-        by_score = sorted(kept, key=lambda pm: pm[1]["metrics"]["val_accuracy"], reverse=True)
+        by_score = sorted(kept, key=lambda pm: selection_key(pm[1]["metrics"]), reverse=True)
         keep = {p for p, _ in by_score[: self.num_to_keep]} | {kept[-1][0]}
         for p, _ in kept:
             if p not in keep:

@@ -51,7 +51,7 @@ def load_keras(path: str | Path):
     except ImportError as e:
         raise UserError(f"converting needs Keras 3 ({e}): pip install 'distributed-resnet[keras]'")
     try:
-        model = keras.models.load_model(path, compile=False)
+        model = keras.models.load_model(path, compile=False, safe_mode=True)  # no Lambda code, no arbitrary classes
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"{path} could not be loaded as a Keras model ({type(e).__name__}: {first})")

@@ -176,14 +176,36 @@ def _read_parquet(files: list[str]) -> Split:
     return Split(_stack(images, files[0]), np.concatenate(labels).astype(np.int64))
 
 
+class NotCifar(pickle.UnpicklingError):
+    """A pickle asked for a global that a CIFAR-10 batch never holds."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Admits only what a CIFAR-10 batch holds: dicts, lists, strings, numbers and numpy arrays. Any other global
+    (`os.system` in a tampered file) is refused before it is looked up, so nothing in the file can run."""
+
+    ALLOWED = {(module, name) for core in ("numpy.core", "numpy._core")
+               for module, name in ((f"{core}.multiarray", "_reconstruct"), (f"{core}.multiarray", "scalar"),
+                                    (f"{core}.numeric", "_frombuffer"))} | {
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # encode: bytes in protocol-2 pickles
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise NotCifar(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _read_pickles(files: list[str]) -> Split:
     images, labels = [], []
     for f in files:
         try:
             with open(f, "rb") as fh:
-                batch = pickle.load(fh, encoding="latin1")
+                batch = CifarUnpickler(fh, encoding="latin1").load()
             images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.append(np.asarray(batch["labels"], dtype=np.int64))
+        except NotCifar as e:
+            raise UserError(f"CIFAR-10 batch {f} holds {e}, which is not part of the format and could run code: "
+                            f"not loaded; re-download it with --download") from None
         except Exception as e:
             raise UserError(f"cannot read CIFAR-10 batch {f} ({type(e).__name__}: {e}); re-download it with --download")
     return Split(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))

@@ -6,6 +6,8 @@ over fp32 for ResNet-20 on this project's Xeon); elsewhere a CPU emulates bf16 a
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .config import UserError
@@ -26,8 +28,27 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        if device.type == "cuda":
+            return cuda_has_native_bf16(torch.cuda.get_device_capability(device))
+        return device.type == "cpu" and cpu_has_native_bf16()
     return precision == "bf16"
+
+
+def cuda_has_native_bf16(capability: tuple[int, int]) -> bool:
+    """bf16 tensor cores start with Ampere (compute capability 8.0); a T4 (7.5) or V100 (7.0) emulates bf16."""
+    return tuple(capability) >= (8, 0)
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """Plain fp32 inside (evaluation): on Ampere and later, cuDNN convolutions and matmuls would otherwise run
+    in TF32 (10-bit mantissa) by default. Restores the previous settings after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def local_device(use_gpu: bool | None) -> torch.device:

@@ -23,9 +23,14 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .augment import random_flip_shift, to_float
 from .config import TrainConfig
-from .device import local_device, use_bf16
+from .device import exact_fp32, local_device, use_bf16
 from .model import NUM_CLASSES, ResNet, count_parameters, param_groups
 from .schedule import LRPolicy
+
+
+# Buffers are broadcast once per epoch (below), not on every forward; gradients are all-reduced in place, in the
+# buckets they live in (which `zero_grad(set_to_none=False)` keeps: see train_epoch).
+DDP_OPTIONS = {"forward_sync_buffers": False, "gradient_as_bucket_view": True}
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
@@ -66,11 +71,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         policy.load_state_dict(state["lr_policy"])
         start_epoch, history = state["epoch"], state["history"]
         restarts = state["restarts"] + [start_epoch]
-    elif cfg.init_weights:
-        model.load_state_dict(ckpt.load_weights(cfg.init_weights, cfg.depth, cfg.version, cfg.padding))
-    # Buffers are broadcast once per epoch below, not on every forward; gradients reduce in place.
-    net = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs={
-        "broadcast_buffers": False, "gradient_as_bucket_view": True}) if world > 1 else model
+    elif loop_config.get("init_state") is not None:  # --init-weights, read and checked by the driver
+        init = loop_config["init_state"]
+        model.load_state_dict(ray.get(init) if isinstance(init, ray.ObjectRef) else init)
+    net = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=DDP_OPTIONS) \
+        if world > 1 else model
 
     keeper = ckpt.LocalKeeper(loop_config["local_run_dir"], cfg.num_to_keep) if local_mode else None
     progress = loop_config.get("progress")
@@ -172,6 +177,9 @@ def train_epoch(net, optimizer, train, order, batch, steps, shift, fast, gen) ->
     `shift`: the augmentation ("bilinear" or "pixel", with random flips), None for none.
     """
     images, labels = train
+    # Under DDP with gradient_as_bucket_view the gradients are views of the all-reduce buckets: zeroing them in
+    # place keeps them so; set_to_none would drop the views, and DDP would allocate and copy again every step.
+    set_to_none = not isinstance(net, torch.nn.parallel.DistributedDataParallel)
     net.train()
     sums, count = torch.zeros(2, device=images.device, dtype=torch.float64), 0
     for step in range(steps):
@@ -185,7 +193,7 @@ def train_epoch(net, optimizer, train, order, batch, steps, shift, fast, gen) ->
             logits = net(x)
         # Softmax + categorical cross-entropy on one-hot targets, as the reference compiles its model.
         loss = F.cross_entropy(logits.float(), F.one_hot(y, NUM_CLASSES).float())
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=set_to_none)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
@@ -200,7 +208,8 @@ def predict(model, images: torch.Tensor, batch: int, start: int = 0, stop: int |
     of ReduceLROnPlateau's min_delta), a batch at a time."""
     model.eval()
     stop = len(images) if stop is None else stop
-    out = [model(to_float(images[i:min(i + batch, stop)])) for i in range(start, stop, batch)]
+    with exact_fp32():
+        out = [model(to_float(images[i:min(i + batch, stop)])) for i in range(start, stop, batch)]
     return torch.cat(out) if out else torch.zeros(0, NUM_CLASSES, device=images.device)
 
 

@@ -11,11 +11,11 @@ import logging
 import os
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 
 from . import checkpoint as ckpt
+from . import storage
 from .config import TrainConfig, UserError
 from .data import Cifar10, load_cifar10
 from .loop import train_loop_per_worker
@@ -49,17 +49,28 @@ def init_ray(address: str | None = None, verbose: bool = False, extra_cpus: floa
     if ray.is_initialized():
         return
     quiet_ray_logs(verbose)
-    num_cpus = None if address or not extra_cpus else os.cpu_count() + extra_cpus
+    num_cpus = None if not extra_cpus or joins_a_cluster(address) else os.cpu_count() + extra_cpus
     ray.init(address=address, num_cpus=num_cpus, log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.ERROR,
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}} if not verbose else None)
 
 
-def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str]:
-    """Validate, name the run, and guard its folder.
+def joins_a_cluster(address: str | None) -> bool:
+    """Whether `ray.init(address)` would join a running cluster rather than start one: an address, or none but
+    RAY_ADDRESS (set in every Ray Job's entrypoint) or a `ray start` cluster on this machine. Ray refuses
+    `num_cpus` then. The same lookup as `ray.init`'s own."""
+    from ray._private.services import canonicalize_bootstrap_address
 
-    Returns (cfg with name set, storage root, run path). When resuming, the newest checkpoint on local disk must
-    match this run; the loop itself restores from the newest one in the run folder.
+    return address not in (None, "local") or canonicalize_bootstrap_address(address) is not None
+
+
+def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str, dict | None]:
+    """Validate, name the run, guard its folder, and read on the driver every file the workers would need.
+
+    Returns (cfg with name set, storage root, run path, the --init-weights model state or None). A resumed run's
+    newest checkpoint (local or remote) is loaded here too: it must be safe to load, of this architecture, and of
+    this recipe. Workers then restore from the run folder, and take the initial weights from the object store,
+    so nothing depends on a path that exists on the driver's node only.
     """
     cfg.validate()
     if not cfg.name:
@@ -68,25 +79,52 @@ def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str]:
         raise UserError(f"--name {cfg.name!r} must be a plain folder name")
     root = storage_root(cfg.storage_path)
     run_path = guard_folder(root, cfg.name, cfg.resume, "run")
-    latest = ckpt.latest_in(run_path) if cfg.resume and "://" not in root else None
+    latest = storage.latest_checkpoint(run_path) if cfg.resume else None
     if latest is not None:
-        ckpt.check_compatible(ckpt.read_meta(latest), cfg.depth, cfg.version, str(latest), cfg.padding)
-    if cfg.init_weights:
-        ckpt.load_weights(cfg.init_weights, cfg.depth, cfg.version, cfg.padding)  # a wrong file fails now, not in a worker
+        with storage.local_copy(latest) as folder:
+            meta = ckpt.load(folder)["meta"]
+        ckpt.check_compatible(meta, cfg.depth, cfg.version, latest, cfg.padding)
+        check_same_recipe(meta.get("config") or {}, cfg, latest)
+    init_state = ckpt.load_weights(cfg.init_weights, cfg.depth, cfg.version, cfg.padding) if cfg.init_weights else None
     if cfg.num_workers == 0:
         from .device import local_device
 
         local_device(cfg.use_gpu)  # --gpu without a GPU: say so before any work
-    return cfg, root, run_path
+    return cfg, root, run_path, init_state
+
+
+# What a resumed run may change: how and where it runs, not what it computes.
+MAY_CHANGE_ON_RESUME = {"precision", "use_gpu", "gpus_per_worker", "num_workers", "cpus_per_worker", "max_failures",
+                        "data_dir", "download", "storage_path", "name", "resume", "num_to_keep", "eval_batch_size",
+                        "report_test", "init_weights", "epochs", "batch_size", "per_worker_batch_size"}
+
+
+def check_same_recipe(saved: dict, cfg: TrainConfig, where: str) -> None:
+    """Refuse a --resume whose recipe differs from the checkpoint's (a new val split would train on former val
+    images; a new LR or schedule would change the run silently). Keys older checkpoints lack are not compared."""
+    now = cfg.to_dict()
+    changed = [f"--{k.replace('_', '-')} {saved[k]} (not {now[k]})" for k in sorted(saved)
+               if k in now and k not in MAY_CHANGE_ON_RESUME and saved[k] != now[k]]
+    if saved.get("epochs") is not None and cfg.epochs < saved["epochs"]:
+        changed.append(f"--epochs {saved['epochs']} or more (not {cfg.epochs})")
+    if "batch_size" in saved:
+        before = TrainConfig(**{k: saved[k] for k in ("batch_size", "per_worker_batch_size", "num_workers") if k in saved})
+        if before.global_batch_size != cfg.global_batch_size:
+            changed.append(f"a global batch of {before.global_batch_size} (not {cfg.global_batch_size})")
+    if changed:
+        raise UserError(f"--resume: {where} was trained with {', '.join(changed)}; a resumed run keeps its recipe: "
+                        f"pass the same values, or start a new --name")
 
 
 def guard_folder(root: str, name: str, resume: bool, what: str) -> str:
-    """`root/name`, after checking it can be written and that it exists exactly when resuming."""
+    """`root/name`, after checking it can be written and that it exists exactly when resuming (on remote storage
+    too: Ray would otherwise silently continue a run of that name)."""
     path = f"{root.rstrip('/')}/{name}"
-    if "://" in root:
-        return path  # remote storage: Ray checks it when the run starts
     ckpt.writable_or_error(root)
-    exists = os.path.isdir(path) and any(os.scandir(path))
+    try:
+        exists = storage.has_files(path)
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({str(e).splitlines()[0]}); check the URI and its credentials")
     if exists and not resume:
         raise UserError(f"{what} folder {path} already exists; add --resume to continue it or choose another --name")
     if resume and not exists:
@@ -190,13 +228,20 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
     """Train, then write results.json and curves.png into the run folder; returns the results dict."""
     import ray
 
-    cfg, root, run_path = prepare_run(cfg)
+    cfg, root, run_path, init_state = prepare_run(cfg)
     quiet_ray_logs(verbose)
     t0 = time.time()
     data = load_data(cfg)
     local = cfg.num_workers == 0
+    if local and storage.is_remote(run_path):
+        raise UserError("--num-workers 0 writes its checkpoints straight into a local folder: use a local "
+                        "--storage-path, or --num-workers 1 or more for remote storage")
+    if not local:
+        init_ray(address, verbose)
+        check_cluster_fits(cfg, resolve_use_gpu(cfg))
+    # The run folder (TensorBoard's first file) only once every check has passed: a refused start leaves nothing.
     printer = ProgressPrinter(cfg.epochs, stream=open(os.devnull, "w") if quiet else None,
-                              tensorboard_dir=run_path if "://" not in run_path else None)
+                              tensorboard_dir=None if storage.is_remote(run_path) else run_path)
     if not quiet:
         print(f"run {cfg.name}: ResNet-{cfg.depth} v{cfg.version}, {len(data.train):,} train / {len(data.val):,} "
               f"{'test (as val)' if data.val_is_test else 'val'} / {len(data.test):,} test images from {data.source}, "
@@ -205,7 +250,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
     if local:
         os.makedirs(run_path, exist_ok=True)
         loop_config = {"config": cfg.to_dict(), "data": data_refs(data, lambda a: a), "val_is_test": data.val_is_test,
-                       "local_run_dir": run_path, "progress": printer}
+                       "local_run_dir": run_path, "progress": printer, "init_state": init_state}
         try:
             result = build_trainer(cfg, root, loop_config).fit()
         except (KeyboardInterrupt, SystemExit) as e:
@@ -213,11 +258,10 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
     else:
         from ray.util.queue import Queue
 
-        init_ray(address, verbose)
-        check_cluster_fits(cfg, resolve_use_gpu(cfg))
         queue = Queue(actor_options={"num_cpus": 0})
         loop_config = {"config": cfg.to_dict(), "data": data_refs(data, ray.put), "val_is_test": data.val_is_test,
-                       "progress": queue, "run_dir": run_path if "://" not in run_path else None}
+                       "progress": queue, "run_dir": None if storage.is_remote(run_path) else run_path,
+                       "init_state": ray.put(init_state) if init_state is not None else None}
         trainer = build_trainer(cfg, root, loop_config)
         try:
             with QueueDrain(queue, printer):
@@ -267,7 +311,7 @@ class Interrupted(Exception):
 
 
 def best_checkpoint(result, run_path: str) -> tuple[str | None, dict | None]:
-    """(path, metrics) of the checkpoint with the highest val accuracy (earliest on ties).
+    """(path, metrics) of the checkpoint with the highest val accuracy (the latest on ties).
 
     On local storage every complete checkpoint folder counts, including one written just before an interruption
     that Ray had not registered yet; on remote storage, Ray's record.
@@ -277,8 +321,8 @@ def best_checkpoint(result, run_path: str) -> tuple[str | None, dict | None]:
         return (str(best), ckpt.read_meta(best)["metrics"]) if best else (None, None)
     if not result.best_checkpoints:
         return None, None
-    best, metrics = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_accuracy"], -cm[1]["epoch"]))
-    return best.path, metrics
+    best, metrics = max(result.best_checkpoints, key=lambda cm: ckpt.selection_key(cm[1]))
+    return storage.as_uri(best.path, run_path), metrics
 
 
 def summarize(cfg: TrainConfig, result, run_path: str, wall_seconds: float, val_is_test: bool) -> dict:
@@ -312,20 +356,6 @@ def summarize(cfg: TrainConfig, result, run_path: str, wall_seconds: float, val_
 
 
 def write_outputs(run_path: str, results: dict) -> None:
-    write_file(run_path, "results.json", json.dumps(results, indent=1).encode())
+    storage.write_file(run_path, "results.json", json.dumps(results, indent=1).encode())
     if results["history"]:
-        write_file(run_path, "curves.png", curves_png(results["history"]))
-
-
-def write_file(folder: str, name: str, payload: bytes) -> None:
-    """Write into a local folder or remote storage (s3://...) through pyarrow's filesystems, as Ray does."""
-    if "://" not in folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / name).write_bytes(payload)
-        return
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(folder)
-    fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path}/{name}") as f:
-        f.write(payload)
+        storage.write_file(run_path, "curves.png", curves_png(results["history"]))

@@ -54,6 +54,7 @@ import time
 import warnings
 from pathlib import Path
 
+from . import checkpoint as ckpt
 from .cli import Parser, main_guard
 from .config import TrainConfig, UserError
 from .data import default_data_dir
@@ -345,6 +346,7 @@ def run_sweep(spec: dict, data_dir: str | None, storage_path: str, name: str, nu
     spec = {**spec, "fixed": fixed}
     base = TrainConfig.from_dict(trial_config(spec, {}))
     data = load_data(base)
+    init = ckpt.load_weights(base.init_weights, base.depth, base.version, base.padding) if base.init_weights else None
     metric, mode = spec.get("metric", "val_accuracy"), spec.get("mode", "max")
     total = planned_trials(spec, num_samples)
     concurrent = spec.get("max_concurrent_trials") or total
@@ -353,7 +355,8 @@ def run_sweep(spec: dict, data_dir: str | None, storage_path: str, name: str, nu
     if not verbose:
         warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")  # optuna, on the default
     refs = data_refs(data, ray.put)
-    common = dict(spec=spec, data=refs, val_is_test=data.val_is_test, trials_root=f"{exp_path}/trials")
+    common = dict(spec=spec, data=refs, val_is_test=data.val_is_test, trials_root=f"{exp_path}/trials",
+                  init_state=ray.put(init) if init is not None else None)
     if sched["type"] == "pbt":
         trainable = tune.with_parameters(run_trial_pbt, interval=sched["perturbation_interval"], **common)
     else:
@@ -410,6 +413,7 @@ def summarize_sweep(grid, spec, metric, mode, base: TrainConfig, exp_path: str, 
     import ray.train
 
     from .evaluate import evaluate_checkpoint
+    from .storage import as_uri
     from .tune_trials import creation_index, default_trial_id
 
     searched = list((spec.get("search") or {}).keys())
@@ -431,9 +435,9 @@ def summarize_sweep(grid, spec, metric, mode, base: TrainConfig, exp_path: str, 
         if result.error:
             row["error"] = str(result.error).strip().splitlines()[-1][:200]
         if df is not None and metric in df and df[metric].notna().any():
-            best = df.loc[(sign * df[metric]).idxmax()]
+            best = best_row(df, metric, sign)
             row.update({"epochs": int(df["epoch"].max()), metric: float(best[metric]), "best_epoch": int(best["epoch"]),
-                        "checkpoint": _checkpoint_of(df, best, metric, sign)})
+                        "checkpoint": as_uri(_checkpoint_of(df, best, metric, sign), exp_path)})
         if not result.error and row["epochs"] < base.epochs:
             row["status"] = "stopped"  # by ASHA: a diverged trial raises, so it is an error
         row["created"] = creation_index(Path(result.path).name.split(f"{row['trial_id']}_", 1)[-1])
@@ -503,7 +507,13 @@ def _checkpoint_of(df, best, metric: str, sign: int) -> str | None:
     if "checkpoint_path" not in df:
         return None
     saved = df[df["checkpoint_path"].apply(lambda p: isinstance(p, str) and bool(p))]
-    return saved.loc[(sign * saved[metric]).idxmax()]["checkpoint_path"] if len(saved) else None
+    return best_row(saved, metric, sign)["checkpoint_path"] if len(saved) else None
+
+
+def best_row(df, metric: str, sign: int):
+    """The row with the best `metric`, the latest epoch on ties: the checkpoint Ray keeps of tied ones."""
+    scored = df[df[metric].notna()]
+    return scored.assign(_score=sign * scored[metric]).sort_values(["_score", "epoch"], kind="stable").iloc[-1]
 
 
 def vs_default_text(best: dict | None, default: dict | None, metric: str, sign: int, pbt: bool) -> str:
@@ -576,7 +586,7 @@ def main(argv=None) -> int:
     if best is None:
         print("no trial produced a checkpoint", flush=True)
         return 1
-    from .run import write_file
+    from .storage import write_file
 
     write_file(summary["experiment_path"], "best.json", json.dumps(best, indent=1).encode())
     write_file(summary["experiment_path"], "trials.json", json.dumps(summary["trials"], indent=1).encode())

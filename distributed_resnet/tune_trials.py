@@ -24,7 +24,7 @@ class TrialDiverged(RuntimeError):
     """The loss became non-finite: the loop stopped the run (its earlier checkpoints are kept)."""
 
 
-def run_trial(sampled: dict, spec: dict, data: dict, val_is_test: bool, trials_root: str) -> None:
+def run_trial(sampled: dict, spec: dict, data: dict, val_is_test: bool, trials_root: str, init_state=None) -> None:
     """One trial: the project's TorchTrainer, reporting every epoch to Tune through Ray Train's callback."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -36,13 +36,14 @@ def run_trial(sampled: dict, spec: dict, data: dict, val_is_test: bool, trials_r
     cfg = TrainConfig.from_dict({**values, "storage_path": trials_root}).validate()
     # On local storage a restarted worker group also looks in the run folder for a checkpoint Ray had not registered.
     run_dir = f"{trials_root}/{cfg.name}" if "://" not in trials_root else None
-    loop_config = {"config": cfg.to_dict(), "data": data, "val_is_test": val_is_test, "run_dir": run_dir}
+    loop_config = {"config": cfg.to_dict(), "data": data, "val_is_test": val_is_test, "run_dir": run_dir,
+                   "init_state": init_state}
     result = build_trainer(cfg, trials_root, loop_config, callbacks=[TuneReportCallback()]).fit()
     _raise_if_diverged(result)
 
 
 def run_trial_pbt(sampled: dict, spec: dict, data: dict, val_is_test: bool, trials_root: str,
-                  interval: int) -> None:
+                  interval: int, init_state=None) -> None:
     """One PBT trial, `interval` epochs per `fit()`: each segment is its own Ray Train run that starts from the
     previous segment's checkpoint, or from the checkpoint Tune hands over (this trial's own after a pause, a
     better trial's after an exploit). The segment's last epoch reports that checkpoint to Tune, which is what
@@ -65,7 +66,8 @@ def run_trial_pbt(sampled: dict, spec: dict, data: dict, val_is_test: bool, tria
         name = f"{trial_id}_e{start:04d}_{uuid.uuid4().hex[:6]}"
         # `epochs` ends the segment; `schedule_epochs` (unchanged) keeps the LR steps where the whole run has them.
         cfg = TrainConfig.from_dict({**values, "epochs": end, "name": name, "storage_path": trials_root}).validate()
-        loop_config = {"config": cfg.to_dict(), "data": data, "val_is_test": val_is_test, "resume_from": resume_from}
+        loop_config = {"config": cfg.to_dict(), "data": data, "val_is_test": val_is_test, "resume_from": resume_from,
+                       "init_state": init_state}
         result = build_trainer(cfg, trials_root, loop_config).fit()
         _raise_if_diverged(result)
         kept = {Path(c.path).name: c.path for c, _ in (result.best_checkpoints or [])}

@@ -86,3 +86,36 @@ def test_fractional_shift_interpolates_between_neighbours():
 def test_to_float_scales_to_unit_interval():
     x = torch.tensor([0, 255, 51], dtype=torch.uint8)
     torch.testing.assert_close(to_float(x), torch.tensor([0.0, 1.0, 0.2]))
+
+
+def test_augmentation_builds_no_tensor_from_host_data():
+    """A tensor made from Python values (`torch.tensor([...], device=...)`, seen by the dispatcher as lift_fresh) is a
+    blocking host-to-device copy on CUDA every step, and cannot be captured in a CUDA graph: only device-side ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.rand(8, 3, 32, 32)
+    for shift in ("bilinear", "pixel"):
+        with Ops() as ops:
+            random_flip_shift(x, shift, generator=torch.Generator().manual_seed(0))
+        assert "aten.rand.generator" in ops.seen  # the recorder sees the augmentation's ops
+        assert not {op for op in ops.seen if "lift_fresh" in op}, shift
+
+
+def test_bilinear_shifts_are_the_uniform_draws_scaled():
+    """The shifts are U[-3.2, 3.2] px per axis, the same numbers as before the device-side rewrite."""
+    gen = torch.Generator().manual_seed(3)
+    flip = torch.rand((64, 1), generator=gen) < 0.5  # drawn first, then both shifts
+    u = torch.rand((64, 2), generator=gen) * 2 - 1
+    dy, dx = (u * torch.tensor([[3.2, 3.2]])).split(1, dim=1)
+    x = torch.rand(64, 3, 32, 32)
+    assert torch.equal(random_flip_shift(x, "bilinear", generator=torch.Generator().manual_seed(3)),
+                       shift_images(x, dy, dx, flip))

@@ -267,8 +267,20 @@ def test_start_commands_are_rays_standard_ones(config):
     head, worker = config["head_start_ray_commands"], config["worker_start_ray_commands"]
     assert head[0] == worker[0] == "ray stop"
     assert "ray start --head --port=6379" in head[1] and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head[1]
-    assert "--dashboard-host=0.0.0.0" in head[1]
     assert "ray start --address=$RAY_HEAD_IP:6379" in worker[1]
+
+
+def test_every_node_requires_the_token_and_the_dashboard_is_loopback_only(config):
+    """Token authentication on every node, with the token file shipped where Ray looks for it; the dashboard and
+    Jobs API bind the head's loopback (`ray dashboard cluster.yaml` tunnels to it). tests/test_cluster_auth.py
+    starts a local head the same way and submits jobs to it."""
+    head, worker = config["head_start_ray_commands"][1], config["worker_start_ray_commands"][1]
+    for command in (head, worker):
+        assert command.startswith("export RAY_AUTH_MODE=token;")
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    text = CLUSTER_YAML.read_text()
+    assert "ray get-auth-token --generate" in text and "export RAY_AUTH_MODE=token" in text
 
 
 # --- the real sweep fits one GPU node -------------------------------------------------------------

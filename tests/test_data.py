@@ -11,7 +11,7 @@ from distributed_resnet.config import UserError
 from distributed_resnet.data import find_source, load_arrays, load_cifar10, stratified_split
 
 
-def write_pickles(folder, n_train=50, n_test=20, seed=0, labels_max=9):
+def write_pickles(folder, n_train=50, n_test=20, seed=0, labels_max=9, protocol=pickle.DEFAULT_PROTOCOL):
     """A tiny torchvision-style cifar-10-batches-py: data_batch_1..5 and test_batch."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
@@ -20,7 +20,7 @@ def write_pickles(folder, n_train=50, n_test=20, seed=0, labels_max=9):
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = (np.arange(n) % (labels_max + 1)).tolist()
         with open(folder / name, "wb") as f:
-            pickle.dump({"data": data, "labels": labels, "batch_label": name}, f)
+            pickle.dump({"data": data, "labels": labels, "batch_label": name}, f, protocol=protocol)
         batches[name] = (data, labels)
     return batches
 
@@ -47,14 +47,39 @@ def test_second_load_is_cached_and_fast(mini_dir, private_cache):
     assert any(private_cache.iterdir())
 
 
-def test_reads_torchvision_pickles(tmp_path):
-    batches = write_pickles(tmp_path / "cifar-10-batches-py")
+@pytest.mark.parametrize("protocol", [2, 4, 5])  # 2: as the original batches (Python 2's cPickle); 5: numpy's buffers
+def test_reads_torchvision_pickles(tmp_path, protocol):
+    batches = write_pickles(tmp_path / "cifar-10-batches-py", protocol=protocol)
     for where in (tmp_path, tmp_path / "cifar-10-batches-py"):
         train, test, _ = load_arrays(str(where))
         assert train.images.shape == (50, 32, 32, 3) and test.images.shape == (20, 32, 32, 3)
     first = batches["data_batch_1"][0][0].reshape(3, 32, 32).transpose(1, 2, 0)  # CHW rows -> HWC
     assert np.array_equal(train.images[0], first)
     assert train.labels.tolist()[:10] == list(range(10))
+
+
+class RunsCode:
+    """What a tampered pickle holds: unpickling it calls os.system."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def test_a_tampered_pickle_batch_runs_nothing(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_pickles(folder)
+    marker = tmp_path / "it_ran"
+    with open(folder / "data_batch_3", "wb") as f:
+        pickle.dump({"data": np.zeros((10, 3072), np.uint8), "labels": RunsCode(f"touch {marker}")}, f, protocol=2)
+    assert pickle.loads(pickle.dumps(RunsCode("true"))) == 0  # plain pickle would run it
+    with pytest.raises(UserError, match=r"data_batch_3 holds posix\.system, which is not part of the format") as e:
+        load_arrays(str(folder))
+    assert "\n" not in str(e.value) and not marker.exists()
 
 
 def test_both_formats_give_identical_arrays(tmp_path, mini_dir):

@@ -1,6 +1,8 @@
 """Correctness of the data-parallel split (gloo DDP, as Ray Train sets it up) and of the fast step on CPU."""
 
 
+import warnings
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -90,3 +92,29 @@ def test_fast_step_matches_eager_on_cpu():
         out_fast, out_eager = fast.eval()(x.contiguous(memory_format=torch.channels_last)), eager.eval()(x)
     rel = ((out_fast - out_eager).norm() / out_eager.norm()).item()
     assert rel < 0.05, rel
+
+
+def test_ddp_gradients_stay_views_of_the_all_reduce_buckets(tmp_path):
+    """The loop's DDP options are current ones, and with them train_epoch keeps every gradient the same view of DDP's
+    buckets from step to step (it zeroes them in place: torch's DDP docstring says set_to_none defeats
+    gradient_as_bucket_view, at the cost of an allocation and a copy per gradient and step)."""
+    from distributed_resnet.loop import DDP_OPTIONS
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = ResNet()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no deprecated option (broadcast_buffers is, since torch 2.13)
+            ddp = torch.nn.parallel.DistributedDataParallel(model, **DDP_OPTIONS)
+        opt = torch.optim.Adam(param_groups(model, 1e-4), lr=1e-3)
+        images, labels = _data()
+        train = images_to_tensor(images, "cpu", False), torch.from_numpy(labels)
+        order = torch.from_numpy(shard_order(N, 1, 0, SEED, 0))
+        train_epoch(ddp, opt, train, order, 25, 2, "pixel", False, torch.Generator().manual_seed(0))
+        views = [p.grad for p in model.parameters()]
+        assert all(g is not None and g._is_view() for g in views)
+        train_epoch(ddp, opt, train, order, 25, 2, "pixel", False, torch.Generator().manual_seed(1))
+        assert all(p.grad is g for p, g in zip(model.parameters(), views))
+    finally:
+        dist.destroy_process_group()

@@ -146,3 +146,33 @@ def test_bench_times_only_full_batches_of_real_images():
         for b in (151, 256, 1024, 4096):
             steps, warmup = step_budget(n, b, 300, 50)
             assert steps >= 1 and warmup >= 1 and (steps + warmup) * b <= n, (n, b, steps, warmup)
+
+
+def test_auto_bf16_on_cuda_needs_ampere_or_later():
+    """T4 (7.5) and V100 (7.0) emulate bf16: auto stays fp32 there; A100 (8.0), A10G (8.6), H100 (9.0) use bf16."""
+    from distributed_resnet.device import cuda_has_native_bf16
+
+    assert [cuda_has_native_bf16(c) for c in ((6, 1), (7, 0), (7, 5), (8, 0), (8, 6), (9, 0))] == \
+        [False, False, False, True, True, True]
+
+
+def test_evaluation_runs_without_tf32():
+    """'fp32' evaluation is IEEE fp32: TF32 (on by default for cuDNN convolutions on Ampere+) is off while the
+    loop predicts, and the previous settings come back after."""
+    from distributed_resnet.loop import predict
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return torch.zeros(len(x), 10)
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        predict(Probe(), torch.zeros(5, 3, 32, 32, dtype=torch.uint8), batch=2)
+        assert seen == [(False, False)] * 3
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -1,6 +1,7 @@
 """End-to-end training with real Ray Train on the real (mini) CIFAR-10, as a user runs it."""
 
 import json
+import re
 
 import pytest
 
@@ -77,6 +78,17 @@ def test_local_mode_runs_in_process_and_resumes(tmp_path, mini_dir):
     assert third["test_accuracy"] == second["test_accuracy"] and third["best_epoch"] == second["best_epoch"]
     with pytest.raises(UserError, match="is ResNet-20 v1, but this run is ResNet-32 v1"):
         run_training(TrainConfig(epochs=4, resume=True, depth=32, **base), quiet=True)
+    # A resume keeps the recipe: another LR, val split or seed, or fewer epochs, is refused before any work.
+    for changed, says in ((dict(lr=2e-3), "--lr 0.001 (not 0.002)"), (dict(seed=1), "--seed 0 (not 1)"),
+                          (dict(weight_decay=0.0), "--weight-decay 0.0001 (not 0.0)"),
+                          (dict(epochs=2), "--epochs 3 or more (not 2)")):
+        with pytest.raises(UserError, match=re.escape(says)):
+            run_training(TrainConfig(resume=True, **{"epochs": 4, **base, **changed}), quiet=True)
+    with pytest.raises(UserError, match=re.escape("--val-size 100 (not 200)")):
+        run_training(TrainConfig(epochs=4, resume=True, **{**base, "val_size": 200}), quiet=True)
+    # How it runs may change: precision, workers, more epochs.
+    fourth = run_training(TrainConfig(epochs=4, resume=True, precision="fp32", **base), quiet=True)
+    assert [h["epoch"] for h in fourth["history"]] == [1, 2, 3, 4] and fourth["restarts"] == [2, 3]
 
 
 def test_a_run_restored_at_its_last_epoch_still_reports_it(tmp_path, mini_dir):
