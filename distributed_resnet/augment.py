@@ -25,18 +25,23 @@ def random_flip_shift(images: torch.Tensor, shift: str = "bilinear", generator: 
     Returns a new tensor of the same dtype and memory format.
     """
     n, _, h, w = images.shape
-    dev = images.device
-    flip = torch.rand((n, 1), device=dev, generator=generator) < 0.5
+    return shift_images(images, *draw_flip_shift(n, h, w, shift, images.device, generator))
+
+
+def draw_flip_shift(n: int, h: int, w: int, shift: str, device, generator: torch.Generator | None = None):
+    """(dy, dx, flip) for n images: each (n, 1), drawn on `device` (flips first, then the shifts). The training loop
+    draws them for a step's whole global batch and applies each worker's rows, so the draws do not depend on N."""
+    flip = torch.rand((n, 1), device=device, generator=generator) < 0.5
     if shift == "pixel":
-        dy = torch.randint(-int(SHIFT_FRACTION * h), int(SHIFT_FRACTION * h) + 1, (n, 1), device=dev, generator=generator)
-        dx = torch.randint(-int(SHIFT_FRACTION * w), int(SHIFT_FRACTION * w) + 1, (n, 1), device=dev, generator=generator)
+        dy = torch.randint(-int(SHIFT_FRACTION * h), int(SHIFT_FRACTION * h) + 1, (n, 1), device=device, generator=generator)
+        dx = torch.randint(-int(SHIFT_FRACTION * w), int(SHIFT_FRACTION * w) + 1, (n, 1), device=device, generator=generator)
     elif shift == "bilinear":
         # Scalars, not a tensor built from a Python list: that would be a blocking host-to-device copy per step.
-        uniform = torch.rand((n, 2), device=dev, generator=generator) * 2 - 1
+        uniform = torch.rand((n, 2), device=device, generator=generator) * 2 - 1
         dy, dx = uniform[:, :1] * (SHIFT_FRACTION * h), uniform[:, 1:] * (SHIFT_FRACTION * w)
     else:
         raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
-    return shift_images(images, dy, dx, flip)
+    return dy, dx, flip
 
 
 def shift_images(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -70,6 +75,6 @@ def _sample(images: torch.Tensor, pos: torch.Tensor, axis: int) -> torch.Tensor:
     return torch.lerp(take(low), take(low + 1), frac)
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
+def to_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 -> float in [0, 1], the reference's only preprocessing (`x.astype('float32') / 255`)."""
-    return images.float().div_(255.0)
+    return images.to(dtype).div_(255.0)

@@ -5,7 +5,8 @@ Ways to train the same ResNet on the same images with the same global batch and 
 - `plain bf16`: the same loop with bf16 autocast and channels_last (what bf16 alone gives);
 - `step`: the project's own epoch function (`loop.train_epoch`, `--precision auto`), one process, with TF 'same'
   padding (the default) and with symmetric padding (what the reference's padding costs);
-- `ray`: the full Ray Train path (`run_training`, N workers, DDP), steady-state epochs, plus its wall time.
+- `ray`: the full Ray Train path (`run_training`, N workers, DDP), steady-state epochs, plus its wall time; with
+  several workers once with per-worker BatchNorm statistics and once with the global BatchNorm (the default).
 Each prints images/s, seconds per 45,000-image epoch and the ratio to `plain fp32`, and peak GPU memory on CUDA.
 Timing waits for the device (synchronize) before reading the clock, after warm-up steps.
 """
@@ -25,7 +26,7 @@ from .cli import Parser, main_guard
 from .config import TrainConfig
 from .data import default_data_dir, load_cifar10
 from .device import use_bf16
-from .loop import images_to_tensor, shard_order, train_epoch
+from .loop import EpochPlan, images_to_tensor, train_epoch
 from .model import NUM_CLASSES, ResNet, param_groups
 
 EPOCH_IMAGES = 45_000  # CIFAR-10's training set less the 5,000 validation images
@@ -83,23 +84,24 @@ def bench_step(images, labels, batch, device, steps, warmup, fast, padding="same
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(param_groups(model, 1e-4), lr=1e-3, eps=1e-7, fused=fast or None)
     train = images_to_tensor(images, device, fast), torch.from_numpy(labels).to(device)
-    order = torch.from_numpy(shard_order(len(labels), 1, 0, 0, 0)).to(device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    train_epoch(model, opt, train, order, batch, warmup, "bilinear", fast, gen)
+    n = len(labels)
+    train_epoch(model, opt, train, EpochPlan(n, batch, 1, 0, 0, 0, stop_step=warmup), "bilinear", fast)
     _sync(device)
     t0 = time.perf_counter()
-    train_epoch(model, opt, train, order[warmup * batch:], batch, steps, "bilinear", fast, gen)
+    train_epoch(model, opt, train, EpochPlan(n, batch, 1, 0, 0, 0, first_step=warmup, stop_step=warmup + steps),
+                "bilinear", fast)
     _sync(device)
     return steps * batch / (time.perf_counter() - t0)
 
 
-def bench_ray(data_dir, workers, batch, samples, epochs, use_gpu) -> tuple[float, float]:
+def bench_ray(data_dir, workers, batch, samples, epochs, use_gpu, batchnorm="global") -> tuple[float, float]:
     """(steady-state images/s of the last epoch, wall seconds of the whole run) for the Ray Train path."""
     from .run import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(num_workers=workers, batch_size=batch, epochs=epochs, data_dir=data_dir,
-                          max_train_samples=samples, storage_path=tmp, name="bench", use_gpu=use_gpu, num_to_keep=1)
+                          max_train_samples=samples, storage_path=tmp, name="bench", use_gpu=use_gpu, num_to_keep=1,
+                          batchnorm=batchnorm)
         t0 = time.time()
         results = run_training(cfg, quiet=True)
         return results["history"][-1]["images_per_second"], time.time() - t0
@@ -141,13 +143,17 @@ def main(argv=None) -> int:
     row(f"project step, 1 process ({'bf16' if fast else 'fp32'}, symmetric padding)",
         bench_step(images, labels, args.batch_size, device, steps, warmup, fast, padding="symmetric"))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if not cpu else None
-    ips, wall = bench_ray(args.data_dir, workers, args.batch_size, ray_samples, ray_epochs, not cpu)
-    row(f"Ray Train path, {workers} worker{'s' if workers > 1 else ''} (last of {ray_epochs} epochs)", ips)
-    base, best_single = rows[0][1], max(ips for name, ips in rows[:-1])
-    print(f"\n{'variant':<58} {'images/s':>10} {'s/epoch':>8} {'vs plain':>9}")
+    singles = len(rows)
+    for batchnorm in ("local", "global") if workers > 1 else ("global",):
+        ips, wall = bench_ray(args.data_dir, workers, args.batch_size, ray_samples, ray_epochs, not cpu, batchnorm)
+        what = {"local": ", per-worker BatchNorm", "global": ", global BatchNorm (the default)"}[batchnorm] \
+            if workers > 1 else ""
+        row(f"Ray Train path, {workers} worker{'s' if workers > 1 else ''}{what}", ips)
+    base, best_single = rows[0][1], max(ips for name, ips in rows[:singles])
+    print(f"\n{'variant':<66} {'images/s':>10} {'s/epoch':>8} {'vs plain':>9} {'vs best 1-process':>18}")
     for name, ips in rows:
-        print(f"{name:<58} {ips:>10,.0f} {EPOCH_IMAGES / ips:>8.1f} {ips / base:>8.2f}x")
-    print(f"(s/epoch: {EPOCH_IMAGES:,} images; Ray path / best single process: {rows[-1][1] / best_single:.2f}x; "
+        print(f"{name:<66} {ips:>10,.0f} {EPOCH_IMAGES / ips:>8.1f} {ips / base:>8.2f}x {ips / best_single:>17.2f}x")
+    print(f"(s/epoch: {EPOCH_IMAGES:,} images; Ray rows: the last of {ray_epochs} epochs; "
           f"Ray run wall time incl. start-up: {wall:.1f}s for "
           f"{ray_epochs} x {ray_samples} images{f'; peak GPU memory {peak:.2f} GiB' if peak else ''})")
     if args.output:

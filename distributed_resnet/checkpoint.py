@@ -26,8 +26,10 @@ META_FILE = "meta.json"
 FORMAT = 1
 
 
-def dir_name(epoch: int) -> str:
-    return f"checkpoint_epoch_{epoch:04d}"
+def dir_name(epoch: int, step: int | None = None) -> str:
+    """`checkpoint_epoch_NNNN` after epoch NNNN; `checkpoint_epoch_NNNN_step_SSSSS` part-way into the next one (a
+    preemption checkpoint). Names sort in training order."""
+    return f"checkpoint_epoch_{epoch:04d}" + (f"_step_{step:05d}" if step is not None else "")
 
 
 def save(folder: str | Path, state: dict) -> None:
@@ -51,7 +53,10 @@ def load(path: str | Path, map_location="cpu") -> dict:
         state = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", str(e), re.IGNORECASE)
-        what = found.group(1) if found else "a pickled object"
+        if not found:  # not a pickled object: a damaged file
+            raise UserError(f"{file} is not a readable checkpoint ({type(e).__name__}); it may be truncated: "
+                            f"use another") from None
+        what = found.group(1)
         raise UserError(f"{file} holds more than tensors and plain values ({what}), which could run code: "
                         f"not loaded; use a checkpoint this project wrote") from None
     except Exception as e:
@@ -88,10 +93,10 @@ def parse_meta(payload: bytes) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def selection_key(metrics: dict) -> tuple[float, int]:
+def selection_key(metrics: dict, epoch: int | None = None) -> tuple[float, int]:
     """How checkpoints are ranked everywhere: val accuracy, then the later epoch on ties (as Ray's
     CheckpointConfig keeps the latest of tied checkpoints)."""
-    return metrics["val_accuracy"], metrics["epoch"]
+    return metrics["val_accuracy"], metrics.get("epoch", epoch or 0)
 
 
 def padding_of(meta: dict) -> str:
@@ -162,8 +167,8 @@ def latest_in(run_dir: str | Path) -> Path | None:
 def best_in(run_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest val accuracy (the latest on ties)."""
     scored = [(p, read_meta(p)) for p in complete_in(run_dir)]
-    scored = [(p, m) for p, m in scored if m and m.get("metrics", {}).get("val_accuracy") is not None]
-    return max(scored, key=lambda pm: selection_key(pm[1]["metrics"]))[0] if scored else None
+    scored = [(p, m) for p, m in scored if m and (m.get("metrics") or {}).get("val_accuracy") is not None]
+    return max(scored, key=lambda pm: selection_key(pm[1]["metrics"], pm[1].get("epoch")))[0] if scored else None
 
 
 class LocalKeeper:
@@ -173,13 +178,14 @@ class LocalKeeper:
         self.run_dir, self.num_to_keep = Path(run_dir), num_to_keep
 
     def kept(self) -> list[tuple[Path, dict]]:
-        return [(p, read_meta(p)) for p in sorted(self.run_dir.glob("checkpoint_epoch_*")) if read_meta(p)]
+        metas = [(p, read_meta(p)) for p in sorted(self.run_dir.glob("checkpoint_epoch_*"))]
+        return [(p, m) for p, m in metas if m and m.get("metrics")]
 
     def prune(self) -> None:
         kept = self.kept()
         if not kept:
             return
-        by_score = sorted(kept, key=lambda pm: selection_key(pm[1]["metrics"]), reverse=True)
+        by_score = sorted(kept, key=lambda pm: selection_key(pm[1]["metrics"], pm[1].get("epoch")), reverse=True)
         keep = {p for p, _ in by_score[: self.num_to_keep]} | {kept[-1][0]}
         for p, _ in kept:
             if p not in keep:

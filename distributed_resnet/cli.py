@@ -39,6 +39,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 on conv kernels (default %(default)g)")
     g.add_argument("--padding", choices=("same", "symmetric"), default=d.padding,
                    help="same: TensorFlow's, as the reference (default); symmetric: PyTorch's")
+    g.add_argument("--batchnorm", choices=("global", "local"), default=d.batchnorm,
+                   help="global (default): BatchNorm statistics of the whole global batch across workers, so N "
+                        "workers train what one does; local: each worker's share only (DDP's default)")
     g.add_argument("--init-weights", default=None, metavar="CKPT",
                    help="start from these weights (a checkpoint, results/resnet20v1, a converted Keras model); "
                         "optimizer and LR schedule start fresh")
@@ -68,7 +71,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="training images held out for validation (default 10%%: 5000); 0 validates on test")
     g.add_argument("--max-train-samples", type=int, default=None, metavar="K", help="train on K images only")
     g = p.add_argument_group("Ray")
-    g.add_argument("--num-workers", type=int, default=d.num_workers, help="0 runs in this process (default %(default)s)")
+    g.add_argument("--num-workers", type=workers_arg, default=d.num_workers, metavar="N|MIN:MAX",
+                   help="Ray Train workers; MIN:MAX (torchrun's notation) trains elastically on MIN to MAX workers, "
+                        "shrinking on a preemption and growing as nodes join; 0 runs in this process (default "
+                        "%(default)s)")
+    g.add_argument("--preemption-check-steps", type=int, default=d.preemption_check_steps, metavar="K",
+                   help="every K steps, ask Ray Train for a preemption notice (a spot reclaim, a drained node) and "
+                        "checkpoint mid-epoch on one (default %(default)s; 0: never)")
     g.add_argument("--gpu", dest="use_gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="one GPU per worker (default: when the cluster has GPUs)")
     g.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker)
@@ -77,12 +86,27 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", default=None, help="run folder name (default resnet<depth>v<version>_<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --storage-path/--name")
     g.add_argument("--num-to-keep", type=int, default=d.num_to_keep, help="checkpoints kept (default %(default)s)")
-    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=d.precision,
-                   help="bf16: autocast + channels_last + fused Adam; auto (default): bf16 on GPUs and on CPUs with "
-                        "native bf16 (AMX/AVX512-BF16), else fp32")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32", "fp64"), default=d.precision,
+                   help="bf16: autocast + channels_last + fused Adam; auto (default): bf16 on GPUs (compute "
+                        "capability 8.0+) and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32; fp64: for "
+                        "verification runs (N workers against one without fp32's rounding)")
     g.add_argument("--no-fast", dest="precision", action="store_const", const="fp32", help="alias of --precision fp32")
+
+
+def workers_arg(text: str):
+    """`N` or `MIN:MAX`."""
+    try:
+        if ":" in text:
+            low, high = (int(part) for part in text.split(":"))
+            return low, high
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN:MAX, got {text!r}")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = TrainConfig.__dataclass_fields__
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    if isinstance(values.get("num_workers"), tuple):
+        values["min_workers"], values["num_workers"] = values["num_workers"]
+    return TrainConfig(**values)

@@ -23,11 +23,13 @@ class TrainConfig:
     version: int = 1  # 1: conv-BN-ReLU (the reference); 2: pre-activation bottleneck
     padding: str = "same"  # "same": TensorFlow's (the reference's, odd pixel after); "symmetric": PyTorch's
     weight_decay: float = 1e-4  # Keras l2(1e-4) on every conv kernel: a loss term 1e-4 * sum(w^2)
+    batchnorm: str = "global"  # "global": statistics of the whole global batch across workers (the recipe, any N);
+    #                            "local": each worker's own share of the batch (DDP's default)
 
     # --- optimisation (reference recipe) ---
     epochs: int = 200
     schedule_epochs: int = 200  # the LR steps sit at 80/200, 120/200, ... of this many epochs (200: the reference)
-    batch_size: int = 128  # global batch, split evenly across workers
+    batch_size: int = 128  # global batch, split across workers as evenly as it goes (43/43/42 for 3)
     per_worker_batch_size: int | None = None  # if set, the global batch is this times the workers
     lr: float = 1e-3  # Adam's initial LR; the step schedule multiplies it
     adam_eps: float = 1e-7  # Keras' Adam epsilon (K.epsilon()); PyTorch's default is 1e-8
@@ -49,7 +51,9 @@ class TrainConfig:
     init_weights: str | None = None  # start from these weights (a checkpoint, results/..., a converted Keras model)
 
     # --- Ray ---
-    num_workers: int = 1  # 0 runs the loop in the driver process (Ray Train local mode)
+    num_workers: int = 1  # 0 runs the loop in the driver process (Ray Train local mode); the maximum if elastic
+    min_workers: int | None = None  # elastic (--num-workers MIN:MAX): train on MIN..MAX workers as nodes come and go
+    preemption_check_steps: int = 20  # ask Ray Train for a preemption notice every this many steps (0: never)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0  # with use_gpu; a fraction lets several Tune trials share one GPU
@@ -61,7 +65,8 @@ class TrainConfig:
 
     # --- speed (each on by default where it helps: see the README's speed section) ---
     precision: str = "auto"  # "bf16": autocast + channels_last + fused Adam; "auto": bf16 on CUDA and on CPUs
-    #                          with native bf16 (AMX / AVX512-BF16), else fp32; "fp32": plain eager steps
+    #                          with native bf16 (AMX / AVX512-BF16), else fp32; "fp32": plain eager steps;
+    #                          "fp64": for verification (N workers compute exactly what one does)
     eval_batch_size: int = 1000
     report_test: bool = True  # test accuracy every epoch; Tune trials turn it off (test is for the final pick only)
 
@@ -90,7 +95,8 @@ class TrainConfig:
             raise UserError(f"{self.num_workers} workers on {self.gpus_per_worker} GPU each would share one GPU, which "
                             f"NCCL refuses; give each worker a whole GPU or use 1 worker per trial")
         for key, allowed in (("padding", ("same", "symmetric")), ("shift", ("bilinear", "pixel")),
-                             ("precision", ("auto", "bf16", "fp32"))):
+                             ("batchnorm", ("global", "local")),
+                             ("precision", ("auto", "bf16", "fp32", "fp64"))):
             if getattr(self, key) not in allowed:
                 raise UserError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         _positive(schedule_epochs=self.schedule_epochs)
@@ -108,18 +114,23 @@ class TrainConfig:
             raise UserError("--plateau-patience and --plateau-cooldown must be >= 0")
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.min_workers is not None:
+            if not 1 <= self.min_workers <= self.num_workers:
+                raise UserError(f"--num-workers {self.min_workers}:{self.num_workers} needs 1 <= MIN <= MAX")
+            if self.per_worker_batch_size is not None:
+                raise UserError("--per-worker-batch-size would change the global batch with every resize of an elastic "
+                                "run: use --batch-size with --num-workers MIN:MAX")
+        if self.preemption_check_steps < 0:
+            raise UserError(f"--preemption-check-steps must be >= 0, got {self.preemption_check_steps}")
         if self.max_failures < -1:
             raise UserError(f"--max-failures must be >= 0 (or -1 for unlimited), got {self.max_failures}")
         if self.val_size is not None and self.val_size < 0:
             raise UserError(f"--val-size must be >= 0, got {self.val_size}")
         if self.max_train_samples is not None:
             _positive(max_train_samples=self.max_train_samples)
-        workers = max(1, self.num_workers)
-        if self.global_batch_size % workers:
-            raise UserError(
-                f"--batch-size {self.global_batch_size} does not split evenly over {workers} workers; "
-                f"use a multiple of {workers} or --per-worker-batch-size"
-            )
+        if self.global_batch_size < max(1, self.num_workers):
+            raise UserError(f"--batch-size {self.global_batch_size} gives fewer images than --num-workers "
+                            f"{self.num_workers}: every worker needs at least one per step")
         return self
 
     def to_dict(self) -> dict:

@@ -187,7 +187,8 @@ class CifarUnpickler(pickle.Unpickler):
     ALLOWED = {(module, name) for core in ("numpy.core", "numpy._core")
                for module, name in ((f"{core}.multiarray", "_reconstruct"), (f"{core}.multiarray", "scalar"),
                                     (f"{core}.numeric", "_frombuffer"))} | {
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # encode: bytes in protocol-2 pickles
+        ("numpy", "ndarray"), ("numpy", "memmap"), ("numpy", "dtype"),  # memmap: an ndarray (no file) once loaded
+        ("_codecs", "encode")}  # encode: bytes in protocol-2 pickles
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:

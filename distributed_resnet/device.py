@@ -12,7 +12,7 @@ import torch
 
 from .config import UserError
 
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32", "fp64")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -21,6 +21,12 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    """fp64 weights and activations for `--precision fp64` (verification runs: N workers against one, without fp32's
+    rounding noise, which training amplifies); fp32 otherwise."""
+    return torch.float64 if precision == "fp64" else torch.float32
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

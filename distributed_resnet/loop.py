@@ -8,6 +8,7 @@ arrays as Ray object references, so workers never read files.
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 import time
@@ -21,11 +22,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .augment import random_flip_shift, to_float
-from .config import TrainConfig
-from .device import exact_fp32, local_device, use_bf16
+from .augment import draw_flip_shift, shift_images, to_float
+from .batchnorm import use_global_statistics
+from .config import TrainConfig, UserError
+from .device import exact_fp32, local_device, param_dtype, use_bf16
 from .model import NUM_CLASSES, ResNet, count_parameters, param_groups
 from .schedule import LRPolicy
+from .sharding import epoch_order, smallest_step, step_seed, step_slice, steps_per_epoch
 
 
 # Buffers are broadcast once per epoch (below), not on every forward; gradients are all-reduced in place, in the
@@ -38,6 +41,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     local_mode = loop_config.get("local_run_dir") is not None
+    progress = loop_config.get("progress")
     device = local_device(cfg.use_gpu) if local_mode else ray.train.torch.get_device()
     fast = use_bf16(cfg.precision, device)  # bf16 autocast + channels_last + fused Adam
     if device.type == "cuda":
@@ -54,13 +58,13 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
     # Model, optimizer, LR policy: restored from the newest checkpoint after a failure or a resumed run.
     torch.manual_seed(cfg.seed)  # the initial weights follow --seed
-    model = ResNet(cfg.depth, cfg.version, padding=cfg.padding).to(device)
+    model = ResNet(cfg.depth, cfg.version, padding=cfg.padding).to(device, param_dtype(cfg.precision))
     if fast:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_eps,
                                  fused=fast or None)
     policy = LRPolicy.from_config(cfg)
-    start_epoch, history, restarts = 0, [], []
+    start_epoch, history, restarts, resume = 0, [], [], None
     restored = _checkpoint_to_restore(loop_config, rank, world)
     if restored is not None:
         with restored.as_directory() as folder:
@@ -71,17 +75,24 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         policy.load_state_dict(state["lr_policy"])
         start_epoch, history = state["epoch"], state["history"]
         restarts = state["restarts"] + [start_epoch]
+        resume = state.get("mid_epoch")  # a checkpoint saved on a preemption notice, part-way through an epoch
+        if rank == 0 and progress is not None and (resume or state.get("workers", world) != world):
+            where = f"epoch {start_epoch + 1} step {resume['step']}" if resume else f"epoch {start_epoch + 1}"
+            _tell(progress, {"note": f"continuing from {where} on {world} worker{'s' if world != 1 else ''} "
+                                  f"(was {state.get('workers', '?')})"})
     elif loop_config.get("init_state") is not None:  # --init-weights, read and checked by the driver
         init = loop_config["init_state"]
         model.load_state_dict(ray.get(init) if isinstance(init, ray.ObjectRef) else init)
+    global_bn = cfg.batchnorm == "global" and world > 1
+    use_global_statistics(model, dist.group.WORLD if global_bn else None)
     net = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=DDP_OPTIONS) \
         if world > 1 else model
 
     keeper = ckpt.LocalKeeper(loop_config["local_run_dir"], cfg.num_to_keep) if local_mode else None
-    progress = loop_config.get("progress")
     n_train = len(splits["train"][1])
-    batch = cfg.global_batch_size // world
-    steps = math.ceil(n_train / cfg.global_batch_size)
+    if smallest_step(n_train, cfg.global_batch_size) < world:
+        raise UserError(f"{world} workers, but the last batch of an epoch has only "
+                        f"{smallest_step(n_train, cfg.global_batch_size)} images: use fewer workers")
     stopped = None
     if history and start_epoch >= cfg.epochs:
         # Restored from the last epoch's checkpoint (written just before the run stopped): nothing is left to
@@ -92,14 +103,26 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        order = torch.from_numpy(shard_order(n_train, world, rank, cfg.seed, epoch)).to(device)
-        gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, epoch, rank))
-        train_sums = train_epoch(net, optimizer, splits["train"], order, batch, steps,
-                                 cfg.shift if cfg.augment else None, fast, gen)
+        first_step, carried = (resume["step"], resume) if resume and epoch == start_epoch else (0, None)
+        plan = EpochPlan(n_train, cfg.global_batch_size, world, rank, cfg.seed, epoch, first_step=first_step)
+
+        def on_notice(step: int, sums: torch.Tensor, count: int) -> None:
+            """A preemption notice: save the epoch so far (the steps done, their loss sums) and train on."""
+            done = _all_reduce_totals(sums, count, world, carried)
+            mid = {"step": step, "loss_sum": done[0], "correct": done[1], "count": done[2],
+                   "train_seconds": (carried or {}).get("train_seconds", 0.0) + time.perf_counter() - t0}
+            marks = {"epoch": epoch, "step": step, "val_accuracy": float("nan"), "preemption_checkpoint": True}
+            _save_and_report(marks, _state(epoch, mid), rank, ckpt.dir_name(epoch, step), keeper)
+
+        _state = functools.partial(_checkpoint_state, cfg, model, optimizer, policy, history, restarts, world)
+        preempt = PreemptionWatch(on_notice, loop_config.get("preemption_check_steps", 0), local_mode)
+        train_sums = train_epoch(net, optimizer, splits["train"], plan, cfg.shift if cfg.augment else None, fast,
+                                 preempt)
         _synchronize(device)
-        train_seconds = time.perf_counter() - t0
-        train_loss, train_acc = _all_reduce_means(train_sums, world)
-        _broadcast_buffers(model, world)  # evaluate everywhere with rank 0's BatchNorm statistics
+        train_seconds = time.perf_counter() - t0 + (carried or {}).get("train_seconds", 0.0)
+        train_loss, train_acc = _means(_all_reduce_totals(*train_sums, world, carried))
+        if not global_bn:  # per-worker statistics differ: evaluate everywhere with rank 0's
+            _broadcast_buffers(model, world)
         val_loss, val_acc = _all_reduce_means(evaluate(model, *splits["val"], cfg.eval_batch_size, rank, world), world)
         if val_is_test:
             test_loss, test_acc = val_loss, val_acc
@@ -112,28 +135,60 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc,
             "val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc,
             "images_per_second": n_train / train_seconds, "train_seconds": train_seconds,
-            "epoch_seconds": time.perf_counter() - t0, "lr_cut": cut,
+            "epoch_seconds": time.perf_counter() - t0, "lr_cut": cut, "workers": world,
+            **({"resumed_at_step": first_step} if first_step else {}),
         }
         history.append(metrics)
         if not math.isfinite(train_loss) or not math.isfinite(val_loss):
             stopped = (f"the loss became {train_loss if not math.isfinite(train_loss) else val_loss} at epoch {epoch + 1}; "
                        f"stopped, the checkpoints of earlier epochs are kept (try a lower --lr)")
             if progress is not None and rank == 0:
-                progress.put({"stopped": stopped, **metrics})
+                _tell(progress, {"stopped": stopped, **metrics})
             break
-        meta = {"depth": cfg.depth, "version": cfg.version, "padding": cfg.padding, "epoch": epoch + 1, "metrics": metrics,
-                "parameters": count_parameters(model), "config": cfg.to_dict()}
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_policy": policy.state_dict(),
-                 "epoch": epoch + 1, "history": history, "restarts": restarts, "meta": meta,
-                 # The augmentation and shuffling RNGs are re-seeded from (seed, epoch, rank) every epoch,
-                 # so these two numbers are the whole RNG state a restored run needs.
-                 "rng": {"seed": cfg.seed, "next_epoch": epoch + 1}}
-        _save_and_report(metrics, state, rank, epoch + 1, keeper)
+        _save_and_report(metrics, _state(epoch + 1, None, metrics), rank, ckpt.dir_name(epoch + 1), keeper)
         if progress is not None and rank == 0:
-            progress.put(metrics)
+            _tell(progress, metrics)
     return {"history": history, "restarts": restarts, "stopped": stopped, "device": str(device),
             "worker_nodes": _gather_node_ids(world),
             "parameters": count_parameters(model)}
+
+
+def _tell(progress, message: dict) -> None:
+    """Hand a line to the driver; never let a lost line (its queue gone with a node) stop the training."""
+    try:
+        progress.put(message)
+    except Exception as e:  # noqa: BLE001 - the driver's progress queue is best effort
+        warnings.warn(f"progress line lost: {type(e).__name__}")
+
+
+def _checkpoint_state(cfg, model, optimizer, policy, history, restarts, world, epoch: int, mid_epoch: dict | None,
+                      metrics: dict | None = None) -> dict:
+    """Everything a restored run needs. `epoch`: the epochs finished; `mid_epoch`: how far the next one got (a
+    preemption checkpoint). The data order and augmentation are functions of (seed, epoch, step), so these numbers
+    are the whole RNG state."""
+    meta = {"depth": cfg.depth, "version": cfg.version, "padding": cfg.padding, "batchnorm": cfg.batchnorm,
+            "epoch": epoch, "metrics": metrics, "parameters": count_parameters(model), "config": cfg.to_dict(),
+            **({"mid_epoch_step": mid_epoch["step"]} if mid_epoch else {})}
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_policy": policy.state_dict(),
+            "epoch": epoch, "history": list(history), "restarts": restarts, "meta": meta, "workers": world,
+            "mid_epoch": mid_epoch, "rng": {"seed": cfg.seed, "next_epoch": epoch}}
+
+
+class PreemptionWatch:
+    """Asks Ray Train every `every` steps whether a node of this run is being preempted (a spot reclaim, a drain),
+    and on the first notice calls `on_notice(next_step, sums, count)` to save a checkpoint. `get_preemption_info`
+    is a barrier: every worker asks at the same steps. Off (every=0) in local mode and in Tune trials."""
+
+    def __init__(self, on_notice, every: int, local_mode: bool):
+        self.on_notice, self.every = on_notice, 0 if local_mode else every
+        self.noticed = False
+
+    def after_step(self, step: int, sums: torch.Tensor, count: int) -> None:
+        if not self.every or self.noticed or (step + 1) % self.every:
+            return
+        if ray.train.get_preemption_info() is not None:
+            self.noticed = True
+            self.on_notice(step + 1, sums, count)
 
 
 def _checkpoint_to_restore(loop_config: dict, rank: int, world: int):
@@ -156,49 +211,62 @@ def _checkpoint_to_restore(loop_config: dict, rank: int, world: int):
     return ray.train.Checkpoint.from_directory(on_disk[0]) if on_disk[0] else registered
 
 
-def shard_order(n: int, world: int, rank: int, seed: int, epoch: int) -> np.ndarray:
-    """This worker's training indices for one epoch, like torch's DistributedSampler.
+class EpochPlan:
+    """This worker's share of one epoch (see `sharding`): the epoch's order on the device, and per step the slice of
+    it and the augmentation draws of the whole global batch, whatever the number of workers."""
 
-    One seeded permutation per epoch, padded by wrap-around to a multiple of `world`; worker r takes every
-    `world`-th index from r. Every worker gets the same count, so each step's batches are equal in size and
-    DDP's gradient average equals the mean over the global batch; step s of the workers together covers
-    `perm[s*B:(s+1)*B]`, the same images one worker would take with the same global batch B.
-    """
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    pad = (-n) % world
-    if pad:
-        perm = np.concatenate([perm, perm[:pad]])
-    return perm[rank::world]
+    def __init__(self, n: int, batch: int, world: int, rank: int, seed: int, epoch: int, first_step: int = 0,
+                 stop_step: int | None = None):
+        self.n, self.batch, self.world, self.rank, self.seed, self.epoch = n, batch, world, rank, seed, epoch
+        self.order = torch.from_numpy(epoch_order(n, seed, epoch))
+        self.steps = steps_per_epoch(n, batch)
+        self.first_step, self.stop_step = first_step, self.steps if stop_step is None else stop_step
+
+    def step(self, step: int) -> tuple[int, int, int]:
+        """(start in the order, this worker's images, the step's images)."""
+        return step_slice(self.n, self.batch, step, self.world, self.rank)
 
 
-def train_epoch(net, optimizer, train, order, batch, steps, shift, fast, gen) -> tuple[torch.Tensor, int]:
-    """One pass over this worker's shard: device sums (loss, correct) and the image count; no host sync inside.
-
-    `shift`: the augmentation ("bilinear" or "pixel", with random flips), None for none.
-    """
+def train_epoch(net, optimizer, train, plan: EpochPlan, shift, fast, watch=None) -> tuple[torch.Tensor, int]:
+    """One pass over this worker's share of the epoch: device sums (loss, correct) and the image count; no host
+    sync inside. `shift`: the augmentation ("bilinear" or "pixel", with random flips), None for none. `watch`: a
+    PreemptionWatch, told after every step."""
     images, labels = train
+    device = images.device
+    dtype = next(net.parameters()).dtype  # fp32; fp64 in the tests that check the math of N workers exactly
+    order = plan.order.to(device)
+    gen = torch.Generator(device=device)
+    _, _, h, w = images.shape
     # Under DDP with gradient_as_bucket_view the gradients are views of the all-reduce buckets: zeroing them in
     # place keeps them so; set_to_none would drop the views, and DDP would allocate and copy again every step.
     set_to_none = not isinstance(net, torch.nn.parallel.DistributedDataParallel)
     net.train()
-    sums, count = torch.zeros(2, device=images.device, dtype=torch.float64), 0
-    for step in range(steps):
-        idx = order[step * batch:(step + 1) * batch]
-        x, y = to_float(images[idx]), labels[idx]
+    sums, count = torch.zeros(2, device=device, dtype=torch.float64), 0
+    for step in range(plan.first_step, plan.stop_step):
+        start, size, step_size = plan.step(step)
+        idx = order[start:start + size]
+        x, y = to_float(images[idx], dtype), labels[idx]
         if shift:
-            x = random_flip_shift(x, shift, generator=gen)
+            gen.manual_seed(step_seed(plan.seed, plan.epoch, step))
+            first = start - step * plan.batch  # this worker's rows of the step's draws
+            dy, dx, flip = draw_flip_shift(step_size, h, w, shift, device, gen)
+            x = shift_images(x, dy[first:first + size], dx[first:first + size], flip[first:first + size])
         if fast:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=fast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
             logits = net(x)
         # Softmax + categorical cross-entropy on one-hot targets, as the reference compiles its model.
-        loss = F.cross_entropy(logits.float(), F.one_hot(y, NUM_CLASSES).float())
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the loss in fp32
+        loss = F.cross_entropy(logits, F.one_hot(y, NUM_CLASSES).to(logits.dtype))
         optimizer.zero_grad(set_to_none=set_to_none)
-        loss.backward()
+        # Weighted so that DDP's average over the workers is the mean over the step's global batch.
+        (loss * (plan.world * size / step_size)).backward()
         optimizer.step()
         with torch.no_grad():
-            sums += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double()])
-        count += len(y)
+            sums += torch.stack([loss.double() * size, (logits.argmax(1) == y).sum().double()])
+        count += size
+        if watch is not None:
+            watch.after_step(step, sums, count)
     return sums, count
 
 
@@ -208,9 +276,10 @@ def predict(model, images: torch.Tensor, batch: int, start: int = 0, stop: int |
     of ReduceLROnPlateau's min_delta), a batch at a time."""
     model.eval()
     stop = len(images) if stop is None else stop
+    dtype = next(model.parameters()).dtype
     with exact_fp32():
-        out = [model(to_float(images[i:min(i + batch, stop)])) for i in range(start, stop, batch)]
-    return torch.cat(out) if out else torch.zeros(0, NUM_CLASSES, device=images.device)
+        out = [model(to_float(images[i:min(i + batch, stop)], dtype)) for i in range(start, stop, batch)]
+    return torch.cat(out) if out else torch.zeros(0, NUM_CLASSES, device=images.device, dtype=dtype)
 
 
 def evaluate(model, images, labels, batch, rank=0, world=1) -> torch.Tensor:
@@ -235,9 +304,8 @@ def _to_device(images: np.ndarray, labels: np.ndarray, device, fast: bool):
     return images_to_tensor(images, device, fast), torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
 
 
-def _save_and_report(metrics, state, rank, epoch, keeper) -> None:
+def _save_and_report(metrics, state, rank, name, keeper) -> None:
     """Rank 0 writes the checkpoint; every rank reports (Ray requires the same number of reports everywhere)."""
-    name = ckpt.dir_name(epoch)
     if keeper is not None:  # local mode: write straight into the run folder
         folder = keeper.run_dir / name
         ckpt.save(folder, state)
@@ -252,14 +320,25 @@ def _save_and_report(metrics, state, rank, epoch, keeper) -> None:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
-def _all_reduce_means(sums_and_count: tuple[torch.Tensor, int], world: int) -> tuple[float, float]:
-    """Mean loss and accuracy over all workers from per-worker (loss sum, correct) and counts."""
-    sums, count = sums_and_count
+def _all_reduce_totals(sums: torch.Tensor, count: int, world: int, carried: dict | None = None) -> list[float]:
+    """[loss sum, correct, count] over all workers (one host sync), plus what a mid-epoch checkpoint carried."""
     totals = torch.cat([sums, torch.tensor([float(count)], dtype=sums.dtype).to(sums.device)])
     if world > 1:
         dist.all_reduce(totals)
     loss_sum, correct, count = totals.tolist()
+    if carried:
+        loss_sum, correct, count = loss_sum + carried["loss_sum"], correct + carried["correct"], count + carried["count"]
+    return [loss_sum, correct, count]
+
+
+def _means(totals: list[float]) -> tuple[float, float]:
+    loss_sum, correct, count = totals
     return loss_sum / count, correct / count
+
+
+def _all_reduce_means(sums_and_count: tuple[torch.Tensor, int], world: int) -> tuple[float, float]:
+    """Mean loss and accuracy over all workers from per-worker (loss sum, correct) and counts."""
+    return _means(_all_reduce_totals(*sums_and_count, world))
 
 
 def _broadcast_buffers(model, world: int) -> None:
@@ -281,8 +360,3 @@ def _gather_node_ids(world: int) -> list[str]:
 def _synchronize(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _seed(seed: int, epoch: int, rank: int) -> int:
-    """Augmentation RNG seed: a function of (seed, epoch, rank), so a restored run draws what it would have."""
-    return int(np.random.default_rng([seed, epoch, rank, 1]).integers(2**62))

@@ -6,7 +6,9 @@ Pure PyTorch, no Ray. With Keras weights copied in (`convert.py`) it computes th
   softmax + categorical cross-entropy) and in `predict_proba`;
 - convolutions pad like TensorFlow's `padding='same'` (default): a 3x3 stride-2 conv on a 32x32 map pads
   only the bottom and right. `padding="symmetric"` is PyTorch's convention (1 pixel on each side);
-- BatchNorm keeps Keras' settings (momentum 0.99 -> PyTorch momentum 0.01, epsilon 1e-3).
+- BatchNorm keeps Keras' settings (momentum 0.99 -> PyTorch momentum 0.01, epsilon 1e-3) and, like Keras, folds
+  the biased batch variance into its moving variance; in training it normalizes over the whole global batch
+  across workers (`batchnorm.py`).
 The L2 penalty on conv kernels is applied by the optimizer (see `param_groups`).
 """
 
@@ -17,6 +19,8 @@ import math
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from .batchnorm import BatchNorm2d
 
 NUM_CLASSES = 10
 
@@ -53,7 +57,7 @@ class ResnetLayer(nn.Module):
             self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=True)
         self.conv_first = conv_first
         bn_ch = out_ch if conv_first else in_ch
-        self.bn = nn.BatchNorm2d(bn_ch, eps=1e-3, momentum=0.01) if batch_norm else nn.Identity()
+        self.bn = BatchNorm2d(bn_ch, eps=1e-3, momentum=0.01) if batch_norm else nn.Identity()
         self.act = nn.ReLU(inplace=True) if activation else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +138,7 @@ class ResNet(nn.Module):
         else:
             raise ValueError(f"version must be 1 or 2, got {version}")
         self.blocks = nn.Sequential(*blocks)  # registered in Keras' creation order: stem, blocks, head, fc
-        self.head_norm = (nn.Sequential(nn.BatchNorm2d(in_ch, eps=1e-3, momentum=0.01), nn.ReLU(inplace=True))
+        self.head_norm = (nn.Sequential(BatchNorm2d(in_ch, eps=1e-3, momentum=0.01), nn.ReLU(inplace=True))
                           if version == 2 else nn.Identity())
         self.fc = nn.Linear(in_ch, num_classes)
         self.reset_parameters()

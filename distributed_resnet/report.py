@@ -44,6 +44,9 @@ class ProgressPrinter:
         if "stopped" in m:
             print(f"{self.label}stopped: {m['stopped']}", file=self.stream, flush=True)
             return
+        if "note" in m:
+            print(f"{self.label}{m['note']}", file=self.stream, flush=True)
+            return
         self.seconds.append(m["epoch_seconds"])
         self.last_epoch = m["epoch"]
         if self.tensorboard is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -94,7 +95,8 @@ def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str, dict | None]:
 
 
 # What a resumed run may change: how and where it runs, not what it computes.
-MAY_CHANGE_ON_RESUME = {"precision", "use_gpu", "gpus_per_worker", "num_workers", "cpus_per_worker", "max_failures",
+MAY_CHANGE_ON_RESUME = {"precision", "use_gpu", "gpus_per_worker", "num_workers", "min_workers", "cpus_per_worker",
+                        "max_failures", "preemption_check_steps",
                         "data_dir", "download", "storage_path", "name", "resume", "num_to_keep", "eval_batch_size",
                         "report_test", "init_weights", "epochs", "batch_size", "per_worker_batch_size"}
 
@@ -157,6 +159,12 @@ def worker_resources(cfg: TrainConfig, use_gpu: bool) -> dict:
     return {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
 
 
+def workers_text(cfg: TrainConfig) -> str:
+    if cfg.min_workers:
+        return f"{cfg.min_workers} to {cfg.num_workers} workers (elastic)"
+    return f"{cfg.num_workers} worker{'s' if cfg.num_workers != 1 else ''}"
+
+
 def check_cluster_fits(cfg: TrainConfig, use_gpu: bool, say=print) -> None:
     """Refuse up front what the cluster cannot hold: Ray Train would otherwise wait for it forever, silently.
 
@@ -166,9 +174,10 @@ def check_cluster_fits(cfg: TrainConfig, use_gpu: bool, say=print) -> None:
     import ray
 
     need = worker_resources(cfg, use_gpu)
-    asked = (f"{cfg.num_workers} worker(s) x {cfg.cpus_per_worker} CPU"
+    workers = cfg.min_workers or cfg.num_workers  # an elastic run starts once its minimum fits
+    asked = (f"{workers} worker(s) x {cfg.cpus_per_worker} CPU"
              + (f" + {cfg.gpus_per_worker:g} GPU" if use_gpu else ""))
-    if _workers_that_fit([n["Resources"] for n in ray.nodes() if n.get("Alive")], need) >= cfg.num_workers:
+    if _workers_that_fit([n["Resources"] for n in ray.nodes() if n.get("Alive")], need) >= workers:
         return
     have = ray.cluster_resources()
     exists = f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU"
@@ -178,7 +187,7 @@ def check_cluster_fits(cfg: TrainConfig, use_gpu: bool, say=print) -> None:
         ceiling = state.get_max_resources_from_cluster_config()  # None without an autoscaler
     except Exception:
         ceiling = None
-    if ceiling and all(ceiling.get(k, 0) >= v * cfg.num_workers for k, v in need.items()):
+    if ceiling and all(ceiling.get(k, 0) >= v * workers for k, v in need.items()):
         say(f"waiting for the autoscaler: {asked} asked, the cluster has {exists} now (up to "
             f"{ceiling.get('CPU', 0):g} CPU and {ceiling.get('GPU', 0):g} GPU)")
         return
@@ -204,10 +213,12 @@ def build_trainer(cfg: TrainConfig, root: str, loop_config: dict, callbacks=None
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources if cfg.num_workers else None),
+        scaling_config=ScalingConfig(
+            num_workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,
+            use_gpu=use_gpu, resources_per_worker=resources if cfg.num_workers else None),
         run_config=RunConfig(
             name=cfg.name, storage_path=root, callbacks=callbacks,
+            # Preemptions (spot reclaims, drained nodes) are retried on their own budget (Ray's default: always).
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep, checkpoint_score_attribute="val_accuracy",
                                                checkpoint_score_order="max"),
@@ -245,7 +256,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
     if not quiet:
         print(f"run {cfg.name}: ResNet-{cfg.depth} v{cfg.version}, {len(data.train):,} train / {len(data.val):,} "
               f"{'test (as val)' if data.val_is_test else 'val'} / {len(data.test):,} test images from {data.source}, "
-              f"{cfg.num_workers} worker{'s' if cfg.num_workers != 1 else ''}, batch {cfg.global_batch_size}, "
+              f"{workers_text(cfg)}, batch {cfg.global_batch_size}, "
               f"lr {cfg.lr:g} ({cfg.lr_policy}); folder {run_path}", flush=True)
     if local:
         os.makedirs(run_path, exist_ok=True)
@@ -257,10 +268,14 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
             raise Interrupted(last_saved_epoch(printer.last_epoch, run_path), run_path) from e
     else:
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        queue = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node: a queue on a worker node would die with it (a preempted spot node), and the run too.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         loop_config = {"config": cfg.to_dict(), "data": data_refs(data, ray.put), "val_is_test": data.val_is_test,
                        "progress": queue, "run_dir": None if storage.is_remote(run_path) else run_path,
+                       "preemption_check_steps": cfg.preemption_check_steps,
                        "init_state": ray.put(init_state) if init_state is not None else None}
         trainer = build_trainer(cfg, root, loop_config)
         try:
@@ -321,7 +336,10 @@ def best_checkpoint(result, run_path: str) -> tuple[str | None, dict | None]:
         return (str(best), ckpt.read_meta(best)["metrics"]) if best else (None, None)
     if not result.best_checkpoints:
         return None, None
-    best, metrics = max(result.best_checkpoints, key=lambda cm: ckpt.selection_key(cm[1]))
+    scored = [cm for cm in result.best_checkpoints if math.isfinite(cm[1].get("val_accuracy", math.nan))]
+    if not scored:  # only preemption checkpoints (mid-epoch, no val accuracy)
+        return None, None
+    best, metrics = max(scored, key=lambda cm: ckpt.selection_key(cm[1]))
     return storage.as_uri(best.path, run_path), metrics
 
 

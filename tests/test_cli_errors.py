@@ -19,7 +19,7 @@ def _one_line_error(proc, *fragments):
     (["--epochs", "-3"], "--epochs must be a positive integer"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     (["--lr-policy", "nope"], "invalid choice"),
-    (["--batch-size", "128", "--num-workers", "3"], "does not split evenly"),
+    (["--batch-size", "2", "--num-workers", "3"], "every worker needs at least one per step"),
 ])
 def test_bad_flags(args, fragment, tmp_path):
     _one_line_error(run_cli("train", *args, "--storage-path", str(tmp_path)), fragment)

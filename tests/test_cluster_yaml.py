@@ -49,7 +49,14 @@ def no_network(monkeypatch):
 
 
 def documented_command(module: str) -> list[str]:
-    """The arguments after `python -m distributed_resnet.<module>` in cluster.yaml's comments."""
+    """The arguments after `python -m distributed_resnet.<module>` in cluster.yaml's comments (the only one)."""
+    commands = documented_commands(module)
+    assert len(commands) == 1, f"expected one documented `python -m distributed_resnet.{module}` command"
+    return commands[0]
+
+
+def documented_commands(module: str) -> list[list[str]]:
+    """The arguments after `python -m distributed_resnet.<module>` of each such command in cluster.yaml's comments."""
     lines, pending = [], ""
     for raw in CLUSTER_YAML.read_text().splitlines():
         stripped = raw.strip()
@@ -63,10 +70,13 @@ def documented_command(module: str) -> list[str]:
         pending = ""
     target = f"distributed_resnet.{module}"
     hits = [line for line in lines if target in line.split()]
-    assert len(hits) == 1, f"expected one documented `python -m {target}` command in cluster.yaml, found {hits}"
-    tokens = shlex.split(hits[0])
-    assert tokens[:3] == ["ray", "job", "submit"], f"the documented command should be a Ray Job: {hits[0]}"
-    return tokens[tokens.index(target) + 1:]
+    assert hits, f"no documented `python -m {target}` command in cluster.yaml"
+    commands = []
+    for hit in hits:
+        tokens = shlex.split(hit)
+        assert tokens[:3] == ["ray", "job", "submit"], f"the documented command should be a Ray Job: {hit}"
+        commands.append(tokens[tokens.index(target) + 1:])
+    return commands
 
 
 def node_capacity(node: dict, bundle: dict) -> int:
@@ -126,7 +136,8 @@ def test_prepared_config_passes_rays_schema_offline(config, no_network):
     assert set(prepared["available_node_types"]) == set(config["available_node_types"])
     assert prepared["head_setup_commands"] == config["setup_commands"] + config["head_setup_commands"]
     assert prepared["worker_setup_commands"] == config["setup_commands"] + config["worker_setup_commands"]
-    assert prepared["available_node_types"]["gpu_worker"]["max_workers"] == 4
+    assert prepared["available_node_types"]["gpu_worker"]["max_workers"] == 1
+    assert prepared["available_node_types"]["gpu_spot_worker"]["max_workers"] == 3
 
 
 # --- node types -----------------------------------------------------------------------------------
@@ -140,9 +151,10 @@ def test_head_has_cpus_but_no_gpu(config):
 
 
 def test_gpu_worker_node_type(config):
-    gpu = config["available_node_types"]["gpu_worker"]
-    assert gpu["resources"] == {"CPU": 4, "GPU": 1}
+    gpu, spot = config["available_node_types"]["gpu_worker"], config["available_node_types"]["gpu_spot_worker"]
+    assert gpu["resources"] == spot["resources"] == {"CPU": 4, "GPU": 1}
     assert 1 <= gpu["min_workers"] <= gpu["max_workers"] <= config["max_workers"]
+    assert gpu["max_workers"] + spot["max_workers"] == config["max_workers"]
     assert config["max_workers"] == 4 and config["idle_timeout_minutes"] == 10
 
 
@@ -165,7 +177,8 @@ def test_every_node_runs_the_same_image(config):
 
 def test_gpu_workers_get_an_instance_profile(config):
     """The Train workers write checkpoints to S3 themselves: without a profile they have no credentials."""
-    assert "IamInstanceProfile" in config["available_node_types"]["gpu_worker"]["node_config"]
+    for name in ("gpu_worker", "gpu_spot_worker"):
+        assert "IamInstanceProfile" in config["available_node_types"][name]["node_config"]
 
 
 # --- the documented commands fit ------------------------------------------------------------------
@@ -190,8 +203,18 @@ def parse_train_command(monkeypatch, args: list[str]):
     return seen["cfg"]
 
 
-def test_documented_training_command_fits_the_gpu_nodes(config, monkeypatch):
-    cfg = parse_train_command(monkeypatch, documented_command("train"))
+@pytest.mark.parametrize("which", ["fixed", "elastic"])
+def test_documented_training_command_fits_the_gpu_nodes(config, monkeypatch, which):
+    commands = documented_commands("train")
+    assert len(commands) == 2
+    cfg = parse_train_command(monkeypatch, commands[which == "elastic"])
+    assert (cfg.min_workers is not None) == (which == "elastic")
+    if cfg.min_workers:  # the elastic run's minimum fits on the on-demand node(s) alone
+        worker = {"CPU": cfg.cpus_per_worker, "GPU": 1}
+        gpu = config["available_node_types"]["gpu_worker"]
+        assert gpu["min_workers"] * node_capacity(gpu, worker) >= cfg.min_workers
+        spot = config["available_node_types"]["gpu_spot_worker"]
+        assert spot["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot" and spot["min_workers"] == 0
     assert cfg.use_gpu, "the documented training command should ask for GPUs: the cluster's workers are GPU nodes"
     assert cfg.storage_path.startswith("s3://"), "multi-node Ray Train needs shared storage: --storage-path s3://..."
     assert cfg.num_workers >= 2

@@ -21,7 +21,7 @@ def test_defaults_are_the_reference_recipe():
     ({"plateau_factor": 1.5}, "--plateau-factor must be in"),
     ({"num_workers": -1}, "--num-workers must be >= 0"),
     ({"val_size": -5}, "--val-size must be >= 0"),
-    ({"batch_size": 128, "num_workers": 3}, "does not split evenly over 3 workers"),
+    ({"batch_size": 2, "num_workers": 3}, "every worker needs at least one per step"),
     ({"num_workers": 2, "use_gpu": True, "gpus_per_worker": 0.5}, "would share one GPU, which NCCL refuses"),
     ({"precision": "fp16"}, "--precision must be one of auto, bf16, fp32"),
     ({"padding": "valid"}, "--padding must be one of same, symmetric"),

@@ -159,8 +159,9 @@ def _bn_pairs(kmodel, model: ResNet):
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_training_step_batchnorm_statistics(version, keras_models, cifar):
-    """One training-mode forward: same outputs (both normalise with the biased batch variance), same moving
-    means; the moving variances differ by PyTorch's unbiased (Bessel) correction, which Keras does not apply."""
+    """One training-mode forward: same outputs (both normalise with the biased batch variance), and the same moving
+    means and moving variances: the project's BatchNorm folds the biased batch variance in, as Keras does (torch's
+    own BatchNorm2d folds the unbiased one, n/(n-1) larger; that is measured below too)."""
     kmodel = keras_models[version]
     state, depth, _ = keras_to_state_dict(kmodel)
     model = ours(state, depth, version).train()
@@ -187,21 +188,18 @@ def test_training_step_batchnorm_statistics(version, keras_models, cifar):
     for h in hooks:
         h.remove()
 
-    mean_diff, var_rel, corrected_rel = 0.0, 0.0, 0.0
+    mean_diff, var_rel, bessel_rel = 0.0, 0.0, 0.0
     for ((_, bn), (m0, v0), (m1, v1), n) in zip(_bn_pairs(kmodel, model), old, new, sizes):
         mean_diff = max(mean_diff, np.abs(bn.running_mean.numpy() - m1).max())
-        ours_var = bn.running_var.numpy()
-        var_rel = max(var_rel, (np.abs(ours_var - v1) / v1).max())
+        var_rel = max(var_rel, (np.abs(bn.running_var.numpy() - v1) / v1).max())
         batch_var = (v1 - 0.99 * v0) / 0.01  # Keras' (biased) batch variance, recovered from its update
-        unbiased = 0.99 * v0 + 0.01 * batch_var * n / (n - 1)  # what PyTorch's update should be
-        corrected_rel = max(corrected_rel, (np.abs(ours_var - unbiased) / unbiased).max())
-        bound = 0.01 / (n - 1) * (batch_var / v1).max()  # the Bessel term, relative to the moving variance
-        assert (np.abs(ours_var - v1) / v1).max() <= 1.05 * bound + 1e-6
+        torchs = 0.99 * v0 + 0.01 * batch_var * n / (n - 1)  # what torch.nn.BatchNorm2d would hold
+        bessel_rel = max(bessel_rel, (np.abs(torchs - v1) / v1).max())
     print(f"v{version}: BN moving mean max |diff| {mean_diff:.2e}; moving variance max relative diff {var_rel:.2e} "
-          f"(Bessel), {corrected_rel:.2e} after the Bessel correction")
+          f"(torch's unbiased update would differ by {bessel_rel:.2e})")
     assert mean_diff <= 1e-6
-    assert var_rel > 1e-6  # the Bessel difference is real and measured, not noise
-    assert corrected_rel <= 2e-6
+    assert var_rel <= 2e-6
+    assert bessel_rel > 20 * var_rel  # the difference the biased update closes is far above what remains
 
 
 def test_a_changed_function_is_caught(keras_models):

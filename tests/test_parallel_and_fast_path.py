@@ -1,6 +1,7 @@
 """Correctness of the data-parallel split (gloo DDP, as Ray Train sets it up) and of the fast step on CPU."""
 
 
+import math
 import warnings
 
 import numpy as np
@@ -10,57 +11,92 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from distributed_resnet.augment import to_float
-from distributed_resnet.loop import images_to_tensor, shard_order, train_epoch
+from distributed_resnet.loop import EpochPlan, images_to_tensor, train_epoch
+from distributed_resnet.sharding import epoch_order, split, step_slice, steps_per_epoch
 from distributed_resnet.model import NUM_CLASSES, ResNet, param_groups
 
 B, N, SEED = 32, 100, 7
 
 
-def _data():
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (N, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, N)
+def _data(n=N, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)
 
 
-def _first_step_grads(model, images, labels, idx):
-    x = to_float(images_to_tensor(images[idx], "cpu", False))
-    loss = F.cross_entropy(model(x), F.one_hot(torch.from_numpy(labels[idx]), NUM_CLASSES).float())
-    loss.backward()
-    return [p.grad.detach().clone() for p in model.parameters()]
+N_STEPS_DATA, STEP_BATCH = 100, 32  # steps of 32, 32, 32 and 4: uneven splits for 3 workers (11/11/10, 2/1/1)
 
 
-def _worker(rank, world, store_dir, out):
+def _train_worker(rank, world, store_dir, out, batchnorm):
+    """The project's train_epoch, a step at a time for two epochs, on `world` gloo workers: the global loss of every
+    step, then training-mode logits of a fixed batch (each worker its share) and the BatchNorm buffers."""
+    from distributed_resnet.batchnorm import use_global_statistics
+    from distributed_resnet.loop import DDP_OPTIONS, EpochPlan
+    from distributed_resnet.sharding import split
+
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = ResNet().eval()  # eval-mode BN: a sample's output does not depend on its batch-mates
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    images, labels = _data()
-    idx = shard_order(N, world, rank, SEED, 0)[: B // world]
-    grads = _first_step_grads(ddp, images, labels, idx)
+    model = ResNet().double()  # fp64: the math of N workers against one, without fp32's rounding noise
+    use_global_statistics(model, dist.group.WORLD if batchnorm == "global" and world > 1 else None)
+    net = torch.nn.parallel.DistributedDataParallel(model, **DDP_OPTIONS) if world > 1 else model
+    opt = torch.optim.Adam(param_groups(model, 1e-4), lr=1e-3, eps=1e-7)
+    images, labels = _data(N_STEPS_DATA)
+    train = images_to_tensor(images, "cpu", False), torch.from_numpy(labels)
+    losses = []
+    for epoch in range(2):
+        for step in range(math.ceil(N_STEPS_DATA / STEP_BATCH)):
+            plan = EpochPlan(N_STEPS_DATA, STEP_BATCH, world, rank, SEED, epoch, first_step=step, stop_step=step + 1)
+            sums, count = train_epoch(net, opt, train, plan, "bilinear", False)
+            totals = torch.cat([sums, torch.tensor([float(count)], dtype=sums.dtype)])
+            dist.all_reduce(totals)
+            losses.append((totals[0] / totals[2]).item())
+    fixed = to_float(torch.from_numpy(_data(40, seed=5)[0]).permute(0, 3, 1, 2).contiguous(), torch.float64)
+    start, size = split(len(fixed), world, rank)
+    with torch.no_grad():
+        logits = model.train()(fixed[start:start + size])
+    gathered = [None] * world
+    dist.all_gather_object(gathered, logits)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     if rank == 0:
-        torch.save(grads, out)
+        torch.save({"losses": losses, "logits": torch.cat(gathered), "running_var": bn.running_var.clone()}, out)
     dist.destroy_process_group()
 
 
-def test_two_workers_global_batch_equals_one_worker(tmp_path):
-    """DDP over 2 gloo workers, each with half of global batch B, gives the gradients of 1 worker with batch B."""
-    out = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(2, str(tmp_path), out), nprocs=2, join=True)
-    torch.manual_seed(0)
-    model = ResNet().eval()
-    images, labels = _data()
-    single = _first_step_grads(model, images, labels, shard_order(N, 1, 0, SEED, 0)[:B])
-    for g2, g1 in zip(torch.load(out), single):
-        torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-6)
+def _train_on(world: int, tmp_path, batchnorm: str = "global") -> dict:
+    folder = tmp_path / f"{world}_{batchnorm}"
+    folder.mkdir()
+    mp.spawn(_train_worker, args=(world, str(folder), str(folder / "out.pt"), batchnorm), nprocs=world, join=True)
+    return torch.load(folder / "out.pt")
 
 
-def test_shards_cover_the_epoch_once_with_equal_sizes():
-    for n, world in [(45000, 2), (45000, 8), (1001, 4), (7, 3)]:
-        shards = [shard_order(n, world, r, 0, 5) for r in range(world)]
-        assert len({len(s) for s in shards}) == 1  # equal steps and batch sizes on every worker
-        covered = np.concatenate(shards)
-        assert set(covered.tolist()) == set(range(n)) and len(covered) - n == (-n) % world
-    a, b = shard_order(1000, 1, 0, 0, 1), shard_order(1000, 1, 0, 0, 2)
-    assert not np.array_equal(a, b) and np.array_equal(a, shard_order(1000, 1, 0, 0, 1))  # new seeded order
+def test_any_number_of_workers_trains_the_one_worker_model(tmp_path):
+    """Training mode, augmentation on, 8 steps (2 epochs) including uneven splits and a short last step:
+    1, 2, 3 and 4 workers give the same global losses, training-mode logits and BatchNorm buffers, in fp64 to 1e-9
+    (in fp32 they agree to its own rounding: one fp32 worker is ~4e-4 off fp64 in the gradients, N workers no
+    further). Per-worker BatchNorm statistics (DDP's default, `--batchnorm local`) do not: the control."""
+    one = _train_on(1, tmp_path)
+    for world in (2, 3, 4):
+        other = _train_on(world, tmp_path)
+        np.testing.assert_allclose(other["losses"], one["losses"], rtol=1e-9)
+        torch.testing.assert_close(other["logits"], one["logits"], rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(other["running_var"], one["running_var"], rtol=1e-9, atol=1e-12)
+    local = _train_on(2, tmp_path, batchnorm="local")
+    gap = np.abs(np.array(local["losses"]) / np.array(one["losses"]) - 1).max()
+    assert gap > 1e-3, gap  # per-worker statistics: another model, by far more than the tolerance above
+
+
+def test_steps_cover_the_epoch_once_and_split_as_evenly_as_it_goes():
+    assert [split(128, 3, r) for r in range(3)] == [(0, 43), (43, 43), (86, 42)]
+    for n, batch, world in [(45000, 128, 2), (45000, 128, 3), (45000, 128, 8), (1001, 64, 5), (7, 4, 3)]:
+        taken = []
+        for step in range(steps_per_epoch(n, batch)):
+            parts = [step_slice(n, batch, step, world, r) for r in range(world)]
+            sizes = [size for _, size, _ in parts]
+            assert max(sizes) - min(sizes) <= 1 and sum(sizes) == parts[0][2]
+            taken += [i for start, size, _ in parts for i in range(start, start + size)]
+        assert taken == list(range(n))  # every image once, in the epoch's order, whatever the worker count
+    a, b = epoch_order(1000, 0, 1), epoch_order(1000, 0, 2)
+    assert not np.array_equal(a, b) and np.array_equal(a, epoch_order(1000, 0, 1))  # a new seeded order per epoch
 
 
 def _run_steps(fast: bool, steps: int = 4):
@@ -71,11 +107,10 @@ def _run_steps(fast: bool, steps: int = 4):
     opt = torch.optim.Adam(param_groups(model, 1e-4), lr=1e-3, eps=1e-7)
     images, labels = _data()
     train = images_to_tensor(images, "cpu", fast), torch.from_numpy(labels)
-    order = torch.from_numpy(shard_order(N, 1, 0, SEED, 0))
     losses = []
     for s in range(steps):
-        sums, count = train_epoch(model, opt, train, order[s * 16:(s + 1) * 16], 16, 1, "bilinear", fast,
-                                  torch.Generator().manual_seed(s))
+        plan = EpochPlan(N, 16, 1, 0, SEED, 0, first_step=s, stop_step=s + 1)
+        sums, count = train_epoch(model, opt, train, plan, "bilinear", fast)
         losses.append(sums[0].item() / count)
     return losses, model
 
@@ -110,11 +145,10 @@ def test_ddp_gradients_stay_views_of_the_all_reduce_buckets(tmp_path):
         opt = torch.optim.Adam(param_groups(model, 1e-4), lr=1e-3)
         images, labels = _data()
         train = images_to_tensor(images, "cpu", False), torch.from_numpy(labels)
-        order = torch.from_numpy(shard_order(N, 1, 0, SEED, 0))
-        train_epoch(ddp, opt, train, order, 25, 2, "pixel", False, torch.Generator().manual_seed(0))
+        train_epoch(ddp, opt, train, EpochPlan(N, 25, 1, 0, SEED, 0, stop_step=2), "pixel", False)
         views = [p.grad for p in model.parameters()]
         assert all(g is not None and g._is_view() for g in views)
-        train_epoch(ddp, opt, train, order, 25, 2, "pixel", False, torch.Generator().manual_seed(1))
+        train_epoch(ddp, opt, train, EpochPlan(N, 25, 1, 0, SEED, 1, stop_step=2), "pixel", False)
         assert all(p.grad is g for p, g in zip(model.parameters(), views))
     finally:
         dist.destroy_process_group()

@@ -29,7 +29,11 @@ def test_auto_precision_is_bf16_exactly_where_it_is_native():
     cpu = torch.device("cpu")
     assert use_bf16("auto", cpu) == cpu_has_native_bf16()
     assert use_bf16("bf16", cpu) and not use_bf16("fp32", cpu)
-    assert use_bf16("auto", torch.device("cuda", 0))
+    if torch.cuda.is_available():  # on CUDA: exactly where the GPU has bf16 tensor cores (compute capability 8.0+)
+        from distributed_resnet.device import cuda_has_native_bf16
+
+        cuda = torch.device("cuda", 0)
+        assert use_bf16("auto", cuda) == cuda_has_native_bf16(torch.cuda.get_device_capability(cuda))
 
 
 def test_evaluation_is_fp32_whatever_the_training_precision():

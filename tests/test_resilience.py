@@ -12,9 +12,8 @@ from pathlib import Path
 
 import psutil
 
-from distributed_resnet import checkpoint as ckpt
-
 from conftest import REPO, kill_with_everything_it_started, run_cli
+from distributed_resnet import checkpoint as ckpt
 
 SMALL = ["--max-train-samples", "256", "--val-size", "100"]
 
@@ -124,7 +123,13 @@ def test_ctrl_c_says_where_it_stopped_and_resume_continues_from_the_newest_check
 def test_nan_loss_stops_cleanly_and_keeps_best_checkpoint(tmp_path, mini_dir):
     args = ["--num-workers", "0", "--data-dir", mini_dir, "--storage-path", str(tmp_path), "--name", "n", *SMALL]
     assert run_cli("train", "--epochs", "1", *args).returncode == 0
-    proc = run_cli("train", "--epochs", "3", "--lr", "1e9", "--resume", *args)  # a resume with an absurd LR
+    # Poison Adam's first moment in the checkpoint (a resume may not change the LR, so an absurd --lr is refused):
+    # the first step of epoch 2 then writes NaN into the weights.
+    folder = tmp_path / "n" / "checkpoint_epoch_0001"
+    state = ckpt.load(folder)
+    state["optimizer"]["state"][0]["exp_avg"].fill_(float("nan"))
+    ckpt.save(folder, {k: v for k, v in state.items() if k != "format"})
+    proc = run_cli("train", "--epochs", "3", "--resume", *args)
     assert proc.returncode == 1
     assert "the loss became nan at epoch 2" in proc.stdout and "try a lower --lr" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
