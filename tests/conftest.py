@@ -60,7 +60,11 @@ def kill_with_everything_it_started(proc) -> None:
     running, and writing checkpoints, for a few seconds."""
     import psutil
 
-    doomed = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    try:
+        doomed = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:  # already gone (its children, if any, were reaped with it)
+        proc.wait()
+        return
     for stop in ("suspend", "kill"):
         for p in doomed:
             try:
