@@ -276,7 +276,7 @@ def predict(model, images: torch.Tensor, batch: int, start: int = 0, stop: int |
     of ReduceLROnPlateau's min_delta), a batch at a time."""
     model.eval()
     stop = len(images) if stop is None else stop
-    dtype = next(model.parameters()).dtype
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
     with exact_fp32():
         out = [model(to_float(images[i:min(i + batch, stop)], dtype)) for i in range(start, stop, batch)]
     return torch.cat(out) if out else torch.zeros(0, NUM_CLASSES, device=images.device, dtype=dtype)
