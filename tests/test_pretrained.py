@@ -1,4 +1,5 @@
-"""The shipped pretrained model (results/resnet20v1) still scores exactly what its results.json claims."""
+"""Every published run under results/ (results/in_progress excepted) still scores exactly what its results.json
+claims, on the 10,000 test images."""
 
 import json
 
@@ -6,19 +7,22 @@ import pytest
 
 from conftest import REPO
 
-PUBLISHED = REPO / "results" / "resnet20v1"
+PUBLISHED = sorted(p for p in (REPO / "results").iterdir() if (p / "checkpoint.pt").is_file())
 
 
-@pytest.mark.skipif(not (PUBLISHED / "checkpoint.pt").is_file(),
-                    reason="the 200-epoch run is not published yet (results/resnet20v1)")
-def test_shipped_weights_score_the_reported_test_accuracy(cifar_root):
+@pytest.mark.parametrize("published", PUBLISHED, ids=[p.name for p in PUBLISHED])
+def test_shipped_weights_score_the_reported_test_accuracy(published, cifar_root):
     import distributed_resnet
     from distributed_resnet.evaluate import evaluate_checkpoint
 
-    claimed = json.loads((PUBLISHED / "results.json").read_text())
-    evaluated = evaluate_checkpoint(str(PUBLISHED), str(cifar_root), device="cpu")
+    claimed = json.loads((published / "results.json").read_text())
+    evaluated = evaluate_checkpoint(str(published), str(cifar_root), device="cpu")
     assert evaluated["test_images"] == 10_000
     assert evaluated["test_accuracy"] == claimed["test_accuracy"]
     assert evaluated["epoch"] == claimed["best_epoch"]
-    assert json.loads((PUBLISHED / "eval.json").read_text())["test_accuracy"] == claimed["test_accuracy"]
-    assert distributed_resnet.load_pretrained(str(PUBLISHED)).fc.out_features == 10
+    assert json.loads((published / "eval.json").read_text())["test_accuracy"] == claimed["test_accuracy"]
+    assert distributed_resnet.load_pretrained(str(published)).fc.out_features == 10
+
+
+def test_resnet20v1_is_published():
+    assert REPO / "results" / "resnet20v1" in PUBLISHED
