@@ -135,7 +135,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc,
             "val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc,
             "images_per_second": n_train / train_seconds, "train_seconds": train_seconds,
-            "epoch_seconds": time.perf_counter() - t0, "lr_cut": cut, "workers": world,
+            "epoch_seconds": time.perf_counter() - t0 + (carried or {}).get("train_seconds", 0.0), "lr_cut": cut,
+            "workers": world,
             **({"resumed_at_step": first_step} if first_step else {}),
         }
         history.append(metrics)
@@ -183,8 +184,9 @@ class PreemptionWatch:
         self.on_notice, self.every = on_notice, 0 if local_mode else every
         self.noticed = False
 
-    def after_step(self, step: int, sums: torch.Tensor, count: int) -> None:
-        if not self.every or self.noticed or (step + 1) % self.every:
+    def after_step(self, plan: "EpochPlan", step: int, sums: torch.Tensor, count: int) -> None:
+        done = plan.epoch * plan.steps + step + 1  # steps of the whole run: epochs shorter than `every` are checked too
+        if not self.every or self.noticed or done % self.every:
             return
         if ray.train.get_preemption_info() is not None:
             self.noticed = True
@@ -266,7 +268,7 @@ def train_epoch(net, optimizer, train, plan: EpochPlan, shift, fast, watch=None)
             sums += torch.stack([loss.double() * size, (logits.argmax(1) == y).sum().double()])
         count += size
         if watch is not None:
-            watch.after_step(step, sums, count)
+            watch.after_step(plan, step, sums, count)
     return sums, count
 
 

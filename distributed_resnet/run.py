@@ -21,6 +21,7 @@ from .config import TrainConfig, UserError
 from .data import Cifar10, load_cifar10
 from .loop import train_loop_per_worker
 from .report import ProgressPrinter, QueueDrain, curves_png, summary_lines
+from .sharding import smallest_step
 
 
 def default_name(cfg: TrainConfig) -> str:
@@ -28,7 +29,10 @@ def default_name(cfg: TrainConfig) -> str:
 
 
 def storage_root(storage_path: str) -> str:
-    """Ray wants an absolute local path or a URI."""
+    """Ray wants an absolute local path or a URI. Run folders are appended to it, so a URI may not carry a query."""
+    if "://" in storage_path and "?" in storage_path:
+        raise UserError(f"--storage-path {storage_path}: put the options of the URI in the environment (for S3: "
+                        f"AWS_ENDPOINT_URL, AWS_REGION), not in a query string")
     return storage_path if "://" in storage_path else os.path.abspath(os.path.expanduser(storage_path))
 
 
@@ -101,10 +105,15 @@ MAY_CHANGE_ON_RESUME = {"precision", "use_gpu", "gpus_per_worker", "num_workers"
                         "report_test", "init_weights", "epochs", "batch_size", "per_worker_batch_size"}
 
 
+# Settings that older checkpoints lack, at the value those runs trained with.
+RECIPE_BEFORE_ITS_KEY = {"batchnorm": "local"}
+
+
 def check_same_recipe(saved: dict, cfg: TrainConfig, where: str) -> None:
     """Refuse a --resume whose recipe differs from the checkpoint's (a new val split would train on former val
     images; a new LR or schedule would change the run silently). Keys older checkpoints lack are not compared."""
     now = cfg.to_dict()
+    saved = {**RECIPE_BEFORE_ITS_KEY, **saved}
     changed = [f"--{k.replace('_', '-')} {saved[k]} (not {now[k]})" for k in sorted(saved)
                if k in now and k not in MAY_CHANGE_ON_RESUME and saved[k] != now[k]]
     if saved.get("epochs") is not None and cfg.epochs < saved["epochs"]:
@@ -244,6 +253,10 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
     t0 = time.time()
     data = load_data(cfg)
     local = cfg.num_workers == 0
+    last = smallest_step(len(data.train), cfg.global_batch_size)
+    if last < max(1, cfg.num_workers):
+        raise UserError(f"the last batch of an epoch has {last} image(s), fewer than --num-workers {cfg.num_workers}: "
+                        f"every worker needs one; use fewer workers or another --batch-size or --max-train-samples")
     if local and storage.is_remote(run_path):
         raise UserError("--num-workers 0 writes its checkpoints straight into a local folder: use a local "
                         "--storage-path, or --num-workers 1 or more for remote storage")

@@ -29,7 +29,7 @@ def as_uri(path: str | None, root: str) -> str | None:
     """`path` as Ray reported it, made openable: remote storage's paths get the root's scheme back."""
     if path is None or not is_remote(root) or is_remote(path):
         return path
-    return f"{root.split('://', 1)[0]}://{path.lstrip('/')}"
+    return f"{root.split('://', 1)[0]}://{path}"  # s3: "bucket/key"; file: "/abs/path" (-> file:///abs/path)
 
 
 def has_files(path: str) -> bool:

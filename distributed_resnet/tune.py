@@ -93,6 +93,11 @@ def load_sweep(path: str) -> dict:
     fields = set(TrainConfig.__dataclass_fields__)
     for section in ("fixed", "search"):
         _known(spec.get(section) or {}, fields - {"num_workers", "cpus_per_worker", "gpus_per_worker"}, path, f"{section}.")
+    # The driver loads fixed.init_weights once, for the base architecture, and hands it to every trial.
+    clash = sorted({"init_weights", "depth", "version", "padding"} & set(spec.get("search") or {}))
+    if clash and ("init_weights" in clash or (spec.get("fixed") or {}).get("init_weights")):
+        raise UserError(f"{path}: search.{clash[0]} cannot vary with init_weights (one set of weights, of one "
+                        f"architecture, starts every trial): fix it, or drop init_weights")
     for key, dist in (spec.get("search") or {}).items():
         if not (isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS):
             raise UserError(f"{path}: search.{key} must be one of {{{', '.join(sorted(DISTRIBUTIONS))}: ...}}, got {dist!r}")

@@ -29,3 +29,11 @@ def test_sweep_summary_picks_the_tied_epoch_ray_keeps():
     assert best_row(df, "val_accuracy", 1)["epoch"] == 4
     df["val_loss"] = [0.9, 0.8, 0.8, 0.8, 0.85]
     assert best_row(df, "val_loss", -1)["epoch"] == 4
+
+
+def test_remote_checkpoint_paths_get_their_scheme_back():
+    from distributed_resnet.storage import as_uri
+
+    assert as_uri("bucket/runs/r/checkpoint_epoch_0001", "s3://bucket/runs") == "s3://bucket/runs/r/checkpoint_epoch_0001"
+    assert as_uri("/tmp/x/r/c", "file:///tmp/x") == "file:///tmp/x/r/c"
+    assert as_uri("/local/r/c", "/local") == "/local/r/c" and as_uri(None, "s3://b") is None

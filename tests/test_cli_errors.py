@@ -72,3 +72,11 @@ def test_gpu_in_local_mode_without_a_gpu(tmp_path, mini_dir):
         pytest.skip("this machine has a GPU")
     proc = run_cli("train", "--num-workers", "0", "--gpu", "--data-dir", mini_dir, "--storage-path", str(tmp_path))
     _one_line_error(proc, "no CUDA GPU")
+
+
+def test_a_last_batch_smaller_than_the_workers_is_refused_before_ray_starts(tmp_path, mini_dir):
+    """129 images in batches of 128 leave 1 image for the last step: 2 workers cannot share it."""
+    proc = run_cli("train", "--num-workers", "2", "--max-train-samples", "129", "--data-dir", mini_dir,
+                   "--storage-path", str(tmp_path), "--name", "x")
+    _one_line_error(proc, "the last batch of an epoch has 1 image(s), fewer than --num-workers 2")
+    assert not (tmp_path / "x").exists()

@@ -49,3 +49,15 @@ def test_from_dict_rejects_unknown_keys():
     with pytest.raises(UserError, match="unknown training setting\\(s\\) lr_sheduler"):
         TrainConfig.from_dict({"lr": 1e-3, "lr_sheduler": "x"})
     assert TrainConfig.from_dict(TrainConfig(lr=2e-3).to_dict()).lr == 2e-3
+
+
+def test_a_resume_keeps_the_recipe_of_a_checkpoint_older_than_its_setting():
+    """Checkpoints from before --batchnorm trained with per-worker statistics: resuming one under the new default
+    (global) would change the run, so it is refused; --batchnorm local continues it."""
+    from distributed_resnet.run import check_same_recipe
+
+    saved = {k: v for k, v in TrainConfig(num_workers=2).to_dict().items() if k != "batchnorm"}
+    with pytest.raises(UserError, match=r"--batchnorm local \(not global\)"):
+        check_same_recipe(saved, TrainConfig(num_workers=2), "old")
+    check_same_recipe(saved, TrainConfig(num_workers=2, batchnorm="local"), "old")
+    check_same_recipe(saved, TrainConfig(num_workers=4, batchnorm="local", precision="fp32", epochs=300), "old")

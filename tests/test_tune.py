@@ -333,3 +333,16 @@ def test_pbt_exploits_and_the_copy_restores_with_the_mutated_lr(tmp_path, mini_d
     assert sum(t["default"] for t in trials) == 1 and "under PBT" in proc.stdout
     best = json.loads((tmp_path / "p" / "best.json").read_text())
     assert Path(best["checkpoint"], "checkpoint.pt").is_file()
+
+
+def test_init_weights_cannot_vary_with_what_they_must_fit(tmp_path, mini_dir):
+    """One set of initial weights, loaded by the driver for the base architecture, starts every trial."""
+    for fixed, search in (({"init_weights": "results/resnet20v1"}, {"padding": {"choice": ["same", "symmetric"]}}),
+                          ({}, {"init_weights": {"choice": ["results/resnet20v1"]}})):
+        path = write_sweep(tmp_path, mini_dir)
+        spec = yaml.safe_load(path.read_text())
+        spec["fixed"].update(fixed)
+        spec["search"].update(search)
+        path.write_text(yaml.safe_dump(spec))
+        with pytest.raises(UserError, match="cannot vary with init_weights"):
+            load_sweep(str(path))
