@@ -31,8 +31,9 @@ from .schedule import LRPolicy
 from .sharding import epoch_order, smallest_step, step_seed, step_slice, steps_per_epoch
 
 
-# Buffers are broadcast once per epoch (below), not on every forward; gradients are all-reduced in place, in the
-# buckets they live in (which `zero_grad(set_to_none=False)` keeps: see train_epoch).
+# No buffer sync on every forward (global BatchNorm keeps them equal; per-worker BatchNorm broadcasts rank 0's once
+# per epoch, below); gradients are all-reduced in place, in the buckets they live in (which
+# `zero_grad(set_to_none=False)` keeps: see train_epoch).
 DDP_OPTIONS = {"forward_sync_buffers": False, "gradient_as_bucket_view": True}
 
 
@@ -94,6 +95,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         raise UserError(f"{world} workers, but the last batch of an epoch has only "
                         f"{smallest_step(n_train, cfg.global_batch_size)} images: use fewer workers")
     stopped = None
+    _state = functools.partial(_checkpoint_state, cfg, model, optimizer, policy, history, restarts, world)
     if history and start_epoch >= cfg.epochs:
         # Restored from the last epoch's checkpoint (written just before the run stopped): nothing is left to
         # train, so report that epoch again for Ray Train's result and Tune's trial (every rank reports).
@@ -104,22 +106,22 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             group["lr"] = lr
         t0 = time.perf_counter()
         first_step, carried = (resume["step"], resume) if resume and epoch == start_epoch else (0, None)
+        carried_seconds = carried["train_seconds"] if carried else 0.0
         plan = EpochPlan(n_train, cfg.global_batch_size, world, rank, cfg.seed, epoch, first_step=first_step)
 
         def on_notice(step: int, sums: torch.Tensor, count: int) -> None:
             """A preemption notice: save the epoch so far (the steps done, their loss sums) and train on."""
             done = _all_reduce_totals(sums, count, world, carried)
             mid = {"step": step, "loss_sum": done[0], "correct": done[1], "count": done[2],
-                   "train_seconds": (carried or {}).get("train_seconds", 0.0) + time.perf_counter() - t0}
+                   "train_seconds": carried_seconds + time.perf_counter() - t0}
             marks = {"epoch": epoch, "step": step, "val_accuracy": float("nan"), "preemption_checkpoint": True}
             _save_and_report(marks, _state(epoch, mid), rank, ckpt.dir_name(epoch, step), keeper)
 
-        _state = functools.partial(_checkpoint_state, cfg, model, optimizer, policy, history, restarts, world)
         preempt = PreemptionWatch(on_notice, loop_config.get("preemption_check_steps", 0), local_mode)
         train_sums = train_epoch(net, optimizer, splits["train"], plan, cfg.shift if cfg.augment else None, fast,
                                  preempt)
         _synchronize(device)
-        train_seconds = time.perf_counter() - t0 + (carried or {}).get("train_seconds", 0.0)
+        train_seconds = time.perf_counter() - t0 + carried_seconds
         train_loss, train_acc = _means(_all_reduce_totals(*train_sums, world, carried))
         if not global_bn:  # per-worker statistics differ: evaluate everywhere with rank 0's
             _broadcast_buffers(model, world)
@@ -135,7 +137,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc,
             "val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc,
             "images_per_second": n_train / train_seconds, "train_seconds": train_seconds,
-            "epoch_seconds": time.perf_counter() - t0 + (carried or {}).get("train_seconds", 0.0), "lr_cut": cut,
+            "epoch_seconds": time.perf_counter() - t0 + carried_seconds, "lr_cut": cut,
             "workers": world,
             **({"resumed_at_step": first_step} if first_step else {}),
         }
