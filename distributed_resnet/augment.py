@@ -8,7 +8,8 @@ gathers with clamped indices (clamping *is* the nearest fill) and one lerp, for 
 with no host sync; `tests/test_keras_equivalence.py` compares it with Keras' own `apply_transform`.
 
 `shift="pixel"` draws whole-pixel shifts in -3..3 instead (no interpolation, so no blur): one gather per axis,
-which also works on uint8 batches.
+which also works on uint8 batches. `max_shift` sets the range as a fraction of the side (0.125: 4 px, the fast
+recipe's).
 """
 
 from __future__ import annotations
@@ -19,26 +20,28 @@ SHIFTS = ("bilinear", "pixel")
 SHIFT_FRACTION = 0.1  # width_shift_range = height_shift_range = 0.1 in the reference
 
 
-def random_flip_shift(images: torch.Tensor, shift: str = "bilinear", generator: torch.Generator | None = None) -> torch.Tensor:
+def random_flip_shift(images: torch.Tensor, shift: str = "bilinear", generator: torch.Generator | None = None,
+                      max_shift: float = SHIFT_FRACTION) -> torch.Tensor:
     """images: N x C x H x W, float in [0, 1] (uint8 allowed with shift="pixel"), any memory format.
 
     Returns a new tensor of the same dtype and memory format.
     """
     n, _, h, w = images.shape
-    return shift_images(images, *draw_flip_shift(n, h, w, shift, images.device, generator))
+    return shift_images(images, *draw_flip_shift(n, h, w, shift, images.device, generator, max_shift))
 
 
-def draw_flip_shift(n: int, h: int, w: int, shift: str, device, generator: torch.Generator | None = None):
+def draw_flip_shift(n: int, h: int, w: int, shift: str, device, generator: torch.Generator | None = None,
+                    max_shift: float = SHIFT_FRACTION):
     """(dy, dx, flip) for n images: each (n, 1), drawn on `device` (flips first, then the shifts). The training loop
     draws them for a step's whole global batch and applies each worker's rows, so the draws do not depend on N."""
     flip = torch.rand((n, 1), device=device, generator=generator) < 0.5
     if shift == "pixel":
-        dy = torch.randint(-int(SHIFT_FRACTION * h), int(SHIFT_FRACTION * h) + 1, (n, 1), device=device, generator=generator)
-        dx = torch.randint(-int(SHIFT_FRACTION * w), int(SHIFT_FRACTION * w) + 1, (n, 1), device=device, generator=generator)
+        dy = torch.randint(-int(max_shift * h), int(max_shift * h) + 1, (n, 1), device=device, generator=generator)
+        dx = torch.randint(-int(max_shift * w), int(max_shift * w) + 1, (n, 1), device=device, generator=generator)
     elif shift == "bilinear":
         # Scalars, not a tensor built from a Python list: that would be a blocking host-to-device copy per step.
         uniform = torch.rand((n, 2), device=device, generator=generator) * 2 - 1
-        dy, dx = uniform[:, :1] * (SHIFT_FRACTION * h), uniform[:, 1:] * (SHIFT_FRACTION * w)
+        dy, dx = uniform[:, :1] * (max_shift * h), uniform[:, 1:] * (max_shift * w)
     else:
         raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
     return dy, dx, flip

@@ -1,10 +1,12 @@
 """`python -m distributed_resnet.bench`: training throughput, side by side, measured in one run.
 
-Ways to train the same ResNet on the same images with the same global batch and augmentation:
-- `plain fp32`: the loop a user writes by hand: one process, eager fp32, Adam (the baseline row);
+Ways to train the same ResNet on the same images with the same global batch and augmentation (`--recipe`: the
+Keras recipe's Adam, 'same' padding and bilinear shifts, or the fast recipe's SGD-Nesterov, symmetric padding,
+whole-pixel shifts and label smoothing):
+- `plain fp32`: the loop a user writes by hand: one process, eager fp32, the recipe's optimizer (the baseline row);
 - `plain bf16`: the same loop with bf16 autocast and channels_last (what bf16 alone gives);
-- `step`: the project's own epoch function (`loop.train_epoch`, `--precision auto`), one process, with TF 'same'
-  padding (the default) and with symmetric padding (what the reference's padding costs);
+- `step`: the project's own epoch function (`loop.train_epoch`, `--precision auto`), one process; for the Keras
+  recipe with TF 'same' padding and with symmetric padding (what the reference's padding costs);
 - `ray`: the full Ray Train path (`run_training`, N workers, DDP), steady-state epochs, plus its wall time; with
   several workers once with per-worker BatchNorm statistics and once with the global BatchNorm (the default).
 Each prints images/s, seconds per 45,000-image epoch and the ratio to `plain fp32`, and peak GPU memory on CUDA.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -26,8 +29,9 @@ from .cli import Parser, main_guard
 from .config import TrainConfig
 from .data import default_data_dir, load_cifar10
 from .device import use_bf16
-from .loop import EpochPlan, images_to_tensor, train_epoch
-from .model import NUM_CLASSES, ResNet, param_groups
+from .loop import Augment, EpochPlan, images_to_tensor, train_epoch
+from .model import ResNet, param_groups
+from .optim import build_optimizer
 
 EPOCH_IMAGES = 45_000  # CIFAR-10's training set less the 5,000 validation images
 
@@ -47,21 +51,26 @@ def step_budget(n_images: int, batch: int, steps: int, warmup: int) -> tuple[int
     return steps, warmup
 
 
-def bench_plain(images, labels, batch, device, steps, warmup, bf16: bool) -> float:
+def bench_plain(images, labels, batch, device, steps, warmup, bf16: bool, cfg: TrainConfig) -> float:
     """images/s of a hand-written eager loop (fp32, or bf16 autocast + channels_last)."""
-    model = ResNet().to(device)
+    model = ResNet(padding=cfg.padding).to(device)
     fmt = torch.channels_last if bf16 else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    opt = torch.optim.Adam(param_groups(model, 1e-4), lr=1e-3)
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_on)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    else:
+        opt = torch.optim.Adam(groups, lr=cfg.lr)
+    shift = {"shift": cfg.shift, "max_shift": cfg.max_shift}
     x_all, y_all = images_to_tensor(images, device, bf16), torch.from_numpy(labels).to(device)
     n = len(y_all)
 
     def step():
         idx = torch.randint(0, n, (batch,), device=device)
-        x = random_flip_shift(to_float(x_all[idx])).contiguous(memory_format=fmt)
+        x = random_flip_shift(to_float(x_all[idx]), **shift).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), F.one_hot(y_all[idx], NUM_CLASSES).float())
+        loss = F.cross_entropy(logits.float(), y_all[idx], label_smoothing=cfg.label_smoothing)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -77,29 +86,31 @@ def bench_plain(images, labels, batch, device, steps, warmup, bf16: bool) -> flo
     return steps * batch / (time.perf_counter() - t0)
 
 
-def bench_step(images, labels, batch, device, steps, warmup, fast, padding="same") -> float:
+def bench_step(images, labels, batch, device, steps, warmup, fast, cfg: TrainConfig) -> float:
     """images/s of the project's epoch function on one process."""
-    model = ResNet(padding=padding).to(device)
+    model = ResNet(padding=cfg.padding, bn_momentum=cfg.bn_momentum).to(device)
     if fast:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(param_groups(model, 1e-4), lr=1e-3, eps=1e-7, fused=fast or None)
+    opt = build_optimizer(model, cfg, fused=fast)
     train = images_to_tensor(images, device, fast), torch.from_numpy(labels).to(device)
     n = len(labels)
-    train_epoch(model, opt, train, EpochPlan(n, batch, 1, 0, 0, 0, stop_step=warmup), "bilinear", fast)
+    augment = Augment(cfg.shift, cfg.max_shift)
+    train_epoch(model, opt, train, EpochPlan(n, batch, 1, 0, 0, 0, stop_step=warmup), augment, fast,
+                smoothing=cfg.label_smoothing)
     _sync(device)
     t0 = time.perf_counter()
     train_epoch(model, opt, train, EpochPlan(n, batch, 1, 0, 0, 0, first_step=warmup, stop_step=warmup + steps),
-                "bilinear", fast)
+                augment, fast, smoothing=cfg.label_smoothing)
     _sync(device)
     return steps * batch / (time.perf_counter() - t0)
 
 
-def bench_ray(data_dir, workers, batch, samples, epochs, use_gpu, batchnorm="global") -> tuple[float, float]:
+def bench_ray(data_dir, workers, batch, samples, epochs, use_gpu, batchnorm="global", recipe="keras") -> tuple[float, float]:
     """(steady-state images/s of the last epoch, wall seconds of the whole run) for the Ray Train path."""
     from .run import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(num_workers=workers, batch_size=batch, epochs=epochs, data_dir=data_dir,
+        cfg = TrainConfig(recipe=recipe, num_workers=workers, batch_size=batch, epochs=epochs, data_dir=data_dir,
                           max_train_samples=samples, storage_path=tmp, name="bench", use_gpu=use_gpu, num_to_keep=1,
                           batchnorm=batchnorm)
         t0 = time.time()
@@ -114,12 +125,14 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=default_data_dir())
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: 2 on CPU, 1 on CUDA)")
+    p.add_argument("--recipe", choices=("keras", "fast"), default="keras", help="the recipe's optimizer, padding and "
+                   "augmentation in every row (default %(default)s)")
     p.add_argument("--output", default=None, help="also write the table as JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cpu = device.type == "cpu"
     workers = args.workers or (2 if cpu else 1)
-    TrainConfig(batch_size=args.batch_size, num_workers=workers).validate()
+    cfg = TrainConfig(recipe=args.recipe, batch_size=args.batch_size, num_workers=workers).validate()
     data = load_cifar10(args.data_dir)
     images, labels = np.ascontiguousarray(data.train.images), data.train.labels
     steps, warmup = (15, 3) if cpu and args.quick else (40, 5) if cpu else (100, 30) if args.quick else (300, 50)
@@ -128,24 +141,26 @@ def main(argv=None) -> int:
     ray_epochs = 2 if args.quick else 3
     fast = use_bf16("auto", device)
     rows = []
-    print(f"device {torch.cuda.get_device_name(device) if not cpu else f'cpu ({torch.get_num_threads()} threads)'}, "
+    print(f"recipe {args.recipe}; device {torch.cuda.get_device_name(device) if not cpu else f'cpu ({torch.get_num_threads()} threads)'}, "
           f"batch {args.batch_size}, {steps} timed steps; project precision: {'bf16' if fast else 'fp32'}", flush=True)
 
     def row(name, ips):
         rows.append((name, ips))
         print(f"  {name}: {ips:,.0f} img/s", flush=True)
 
-    row("plain eager PyTorch loop, fp32, 1 process", bench_plain(images, labels, args.batch_size, device, steps, warmup, False))
+    row("plain eager PyTorch loop, fp32, 1 process",
+        bench_plain(images, labels, args.batch_size, device, steps, warmup, False, cfg))
     row("plain loop, bf16 autocast + channels_last, 1 process",
-        bench_plain(images, labels, args.batch_size, device, steps, warmup, True))
-    row(f"project step, 1 process ({'bf16' if fast else 'fp32'}, TF 'same' padding)",
-        bench_step(images, labels, args.batch_size, device, steps, warmup, fast))
-    row(f"project step, 1 process ({'bf16' if fast else 'fp32'}, symmetric padding)",
-        bench_step(images, labels, args.batch_size, device, steps, warmup, fast, padding="symmetric"))
+        bench_plain(images, labels, args.batch_size, device, steps, warmup, True, cfg))
+    paddings = ("same", "symmetric") if args.recipe == "keras" else (cfg.padding,)
+    for padding in paddings:
+        row(f"project step, 1 process ({'bf16' if fast else 'fp32'}, {padding} padding)",
+            bench_step(images, labels, args.batch_size, device, steps, warmup, fast, replace(cfg, padding=padding)))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if not cpu else None
     singles = len(rows)
     for batchnorm in ("local", "global") if workers > 1 else ("global",):
-        ips, wall = bench_ray(args.data_dir, workers, args.batch_size, ray_samples, ray_epochs, not cpu, batchnorm)
+        ips, wall = bench_ray(args.data_dir, workers, args.batch_size, ray_samples, ray_epochs, not cpu, batchnorm,
+                              args.recipe)
         what = {"local": ", per-worker BatchNorm", "global": ", global BatchNorm (the default)"}[batchnorm] \
             if workers > 1 else ""
         row(f"Ray Train path, {workers} worker{'s' if workers > 1 else ''}{what}", ips)
@@ -158,7 +173,7 @@ def main(argv=None) -> int:
           f"{ray_epochs} x {ray_samples} images{f'; peak GPU memory {peak:.2f} GiB' if peak else ''})")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"device": args.device, "batch_size": args.batch_size, "workers": workers,
+            json.dump({"recipe": args.recipe, "device": args.device, "batch_size": args.batch_size, "workers": workers,
                        "rows": [{"variant": n, "images_per_second": i} for n, i in rows],
                        "ray_wall_seconds": wall, "peak_gpu_gib": peak}, f, indent=1)
     return 0

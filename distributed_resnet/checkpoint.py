@@ -118,7 +118,7 @@ def check_compatible(meta: dict, depth: int, version: int, where: str, padding: 
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict, fused: bool) -> None:
-    """Load Adam's state for *this* run's mode, whatever mode saved it.
+    """Load the optimizer's state (Adam's moments, SGD's momentum) for *this* run's mode, whatever mode saved it.
 
     `load_state_dict` would restore the saver's `fused`/`foreach` flags and keep the moments' memory layout,
     so a channels_last (fast-path) checkpoint resumed with NCHW parameters, or the reverse, pairs moments
@@ -131,8 +131,8 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict, fused: bool
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state.get(p, {})
-            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                if key in state and state[key].stride() != p.stride():
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+                if isinstance(state.get(key), torch.Tensor) and state[key].stride() != p.stride():
                     state[key] = torch.empty_like(p).copy_(state[key])
 
 

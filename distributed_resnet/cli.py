@@ -31,38 +31,75 @@ def main_guard(main) -> None:
     sys.exit(code or 0)
 
 
+def _preset(key: str, fmt: str = "{}") -> str:
+    """'keras: X, fast: Y' for a field the recipes set."""
+    from .config import RECIPES
+
+    return ", ".join(f"{name}: {fmt.format(values[key])}" for name, values in RECIPES.items())
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field. A flag the recipe sets defaults to None (the recipe's value); its help
+    shows both recipes' values."""
     d = TrainConfig()
+    g = p.add_argument_group("recipe")
+    g.add_argument("--recipe", choices=("keras", "fast"), default=d.recipe,
+                   help="keras (default): the Keras reference, Adam, 200 epochs, step schedule + ReduceLROnPlateau; "
+                        "fast: one-cycle SGD-Nesterov in 30 epochs. Sets the defaults marked 'keras: .., fast: ..'; "
+                        "any flag given explicitly wins")
+    g.add_argument("--epochs", type=int, default=None, help=f"({_preset('epochs')})")
+    g.add_argument("--schedule-epochs", type=int, default=None, metavar="N",
+                   help="the LR policy spans N epochs: keras puts its LR steps at 80/200, 120/200, 160/200, 180/200 "
+                        "of N (default 200, the reference); onecycle decays to --final-lr at the end of N "
+                        "(default: --epochs)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, split over workers (default %(default)s)")
+    g.add_argument("--per-worker-batch-size", type=int, default=None,
+                   help="keep this batch per worker instead; the global batch grows with the workers")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default=None,
+                   help=f"adam: Keras' Adam (eps 1e-7); sgd: momentum, Nesterov unless --no-nesterov ({_preset('optimizer')})")
+    g.add_argument("--lr", type=float, default=None, help=f"Adam's initial LR, or the one cycle's peak ({_preset('lr', '{:g}')})")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD (default %(default)s)")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov, help="SGD (default on)")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help=f"L2 coefficient c of the loss term c*sum(w^2), Keras' l2(c); the optimizer's weight_decay "
+                        f"is 2c ({_preset('weight_decay', '{:g}')})")
+    g.add_argument("--weight-decay-on", choices=("conv", "weights"), default=None,
+                   help=f"conv: conv kernels only (the reference); weights: conv and dense weights; never "
+                        f"BatchNorm or biases ({_preset('weight_decay_on')})")
+    g.add_argument("--label-smoothing", type=float, default=None, help=f"({_preset('label_smoothing', '{:g}')})")
+    g.add_argument("--lr-policy", choices=("keras", "compose", "onecycle"), default=None,
+                   help="keras: the step schedule overrides plateau cuts, as the reference; compose: cuts persist; "
+                        f"onecycle: set per step, warm-up then decay ({_preset('lr_policy')})")
+    g.add_argument("--plateau-factor", type=float, default=d.plateau_factor, help="(default sqrt(0.1))")
+    g.add_argument("--plateau-patience", type=int, default=d.plateau_patience, help="epochs (default %(default)s)")
+    g.add_argument("--plateau-min-lr", type=float, default=d.plateau_min_lr, help="(default %(default)g)")
+    g.add_argument("--plateau-cooldown", type=int, default=d.plateau_cooldown, help="epochs (default %(default)s)")
+    g.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction,
+                   help="onecycle: the share of steps warming up (default %(default)s)")
+    g.add_argument("--warmup-start-factor", type=float, default=d.warmup_start_factor,
+                   help="onecycle: the first LR as a fraction of the peak (default %(default)s)")
+    g.add_argument("--anneal", choices=("linear", "cosine"), default=d.anneal,
+                   help="onecycle: the decay after the warm-up (default %(default)s)")
+    g.add_argument("--final-lr", type=float, default=d.final_lr, help="onecycle: the LR at the last step (default 0)")
+    g.add_argument("--no-augment", dest="augment", action="store_false", help="turn off flip + shift augmentation")
+    g.add_argument("--shift", choices=("bilinear", "pixel"), default=None,
+                   help=f"bilinear: Keras' continuous shift; pixel: whole pixels, no interpolation ({_preset('shift')})")
+    g.add_argument("--max-shift", type=float, default=None, metavar="FRACTION",
+                   help=f"the largest shift per axis as a fraction of the side, 0.125 = 4 px ({_preset('max_shift', '{:g}')})")
+    g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int, default=d.depth, help="6n+2 for v1, 9n+2 for v2 (default %(default)s)")
     g.add_argument("--version", type=int, default=d.version, choices=(1, 2), help="ResNet v1 or v2 (default %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 on conv kernels (default %(default)g)")
-    g.add_argument("--padding", choices=("same", "symmetric"), default=d.padding,
-                   help="same: TensorFlow's, as the reference (default); symmetric: PyTorch's")
+    g.add_argument("--padding", choices=("same", "symmetric"), default=None,
+                   help=f"same: TensorFlow's, as the reference; symmetric: PyTorch's ({_preset('padding')})")
+    g.add_argument("--bn-momentum", type=float, default=None,
+                   help=f"BatchNorm running-statistics momentum, PyTorch's convention ({_preset('bn_momentum', '{:g}')})")
     g.add_argument("--batchnorm", choices=("global", "local"), default=d.batchnorm,
                    help="global (default): BatchNorm statistics of the whole global batch across workers, so N "
                         "workers train what one does; local: each worker's share only (DDP's default)")
     g.add_argument("--init-weights", default=None, metavar="CKPT",
                    help="start from these weights (a checkpoint, results/resnet20v1, a converted Keras model); "
                         "optimizer and LR schedule start fresh")
-    g = p.add_argument_group("recipe")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="(default %(default)s)")
-    g.add_argument("--schedule-epochs", type=int, default=d.schedule_epochs, metavar="N",
-                   help="LR steps at 80/200, 120/200, 160/200, 180/200 of N epochs (default %(default)s: the reference)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, split over workers (default %(default)s)")
-    g.add_argument("--per-worker-batch-size", type=int, default=None,
-                   help="keep this batch per worker instead; the global batch grows with the workers")
-    g.add_argument("--lr", type=float, default=d.lr, help="initial Adam LR (default %(default)g)")
-    g.add_argument("--lr-policy", choices=("keras", "compose"), default=d.lr_policy,
-                   help="keras: the step schedule overrides plateau cuts, as the reference; compose: cuts persist")
-    g.add_argument("--plateau-factor", type=float, default=d.plateau_factor, help="(default sqrt(0.1))")
-    g.add_argument("--plateau-patience", type=int, default=d.plateau_patience, help="epochs (default %(default)s)")
-    g.add_argument("--plateau-min-lr", type=float, default=d.plateau_min_lr, help="(default %(default)g)")
-    g.add_argument("--plateau-cooldown", type=int, default=d.plateau_cooldown, help="epochs (default %(default)s)")
-    g.add_argument("--no-augment", dest="augment", action="store_false", help="turn off flip + shift augmentation")
-    g.add_argument("--shift", choices=("bilinear", "pixel"), default=d.shift,
-                   help="bilinear: Keras' continuous shift (default); pixel: whole-pixel shifts, no interpolation")
-    g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=default_data_dir(),
                    help="CIFAR-10 as Parquet or cifar-10-batches-py (default: $CIFAR10_DIR, else ./data)")

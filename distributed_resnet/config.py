@@ -1,4 +1,9 @@
-"""One place for every training knob. The defaults are the reference recipe; each says where it comes from.
+"""One place for every training knob, and the two recipes that set them.
+
+`recipe="keras"` (the default) is the Keras reference: Adam, the 200-epoch step schedule, ReduceLROnPlateau.
+`recipe="fast"` is a one-cycle SGD recipe for 30 epochs (see `RECIPES`). A field left at None takes its
+recipe's value when the config is built, so an explicit value always wins over the preset, and a saved config
+holds every value the run resolved to.
 
 The CLIs (`train`, `tune`, `bench`) and the Tune YAML files override the same fields, so a value means the
 same thing everywhere, and `TrainConfig.validate()` is the single gate that turns a bad value into a one-line
@@ -18,35 +23,50 @@ class UserError(Exception):
 
 @dataclass
 class TrainConfig:
+    recipe: str = "keras"  # "keras": the reference; "fast": one-cycle SGD in 30 epochs (RECIPES below)
+
     # --- model (He et al. 2016, Keras `cifar10_resnet.py`) ---
     depth: int = 20  # v1: 6n+2 (20 -> 3 blocks per stage); v2: 9n+2 (bottleneck)
     version: int = 1  # 1: conv-BN-ReLU (the reference); 2: pre-activation bottleneck
-    padding: str = "same"  # "same": TensorFlow's (the reference's, odd pixel after); "symmetric": PyTorch's
-    weight_decay: float = 1e-4  # Keras l2(1e-4) on every conv kernel: a loss term 1e-4 * sum(w^2)
+    padding: str | None = None  # "same": TensorFlow's (the reference's, odd pixel after); "symmetric": PyTorch's
+    bn_momentum: float | None = None  # PyTorch's convention: Keras' momentum 0.99 is 0.01
     batchnorm: str = "global"  # "global": statistics of the whole global batch across workers (the recipe, any N);
     #                            "local": each worker's own share of the batch (DDP's default)
 
-    # --- optimisation (reference recipe) ---
-    epochs: int = 200
-    schedule_epochs: int = 200  # the LR steps sit at 80/200, 120/200, ... of this many epochs (200: the reference)
+    # --- optimisation ---
+    epochs: int | None = None
+    schedule_epochs: int | None = None  # the LR policy spans this many epochs (keras: steps at 80/200, ... of it)
     batch_size: int = 128  # global batch, split across workers as evenly as it goes (43/43/42 for 3)
     per_worker_batch_size: int | None = None  # if set, the global batch is this times the workers
-    lr: float = 1e-3  # Adam's initial LR; the step schedule multiplies it
+    optimizer: str | None = None  # "adam" (Keras' Adam, coupled L2) or "sgd" (momentum, optionally Nesterov)
+    lr: float | None = None  # Adam's initial LR, or the one-cycle's peak
     adam_eps: float = 1e-7  # Keras' Adam epsilon (K.epsilon()); PyTorch's default is 1e-8
-    lr_policy: str = "keras"  # "keras": schedule overwrites plateau cuts (as the reference); "compose": they persist
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = True  # SGD only
+    weight_decay: float | None = None  # L2 coefficient c of a loss term c * sum(w^2), as Keras' l2(c); the
+    #                                    optimizer's (coupled) weight_decay is 2c
+    weight_decay_on: str | None = None  # "conv": conv kernels (the reference); "weights": conv and dense weights
+    label_smoothing: float | None = None
+    lr_policy: str | None = None  # "keras": schedule overwrites plateau cuts (as the reference); "compose": they
+    #                               persist; "onecycle": per step, warm-up then decay to final_lr
     plateau_factor: float = math.sqrt(0.1)  # ReduceLROnPlateau(factor=np.sqrt(0.1))
     plateau_patience: int = 5
     plateau_min_lr: float = 0.5e-6
     plateau_cooldown: int = 0
     plateau_min_delta: float = 1e-4  # Keras' default for ReduceLROnPlateau
+    warmup_fraction: float = 0.15  # onecycle: share of the steps spent warming up
+    warmup_start_factor: float = 0.1  # onecycle: the first step's LR as a fraction of the peak
+    anneal: str = "linear"  # onecycle: "linear" or "cosine" from the peak to final_lr at the last step
+    final_lr: float = 0.0  # onecycle
 
     # --- data ---
     data_dir: str = "./data"
     download: bool = False
     val_size: int | None = None  # None: 10% of the training images (5,000 on CIFAR-10); 0: validate on test
     max_train_samples: int | None = None  # cap the training images (after the val split), for quick runs
-    augment: bool = True  # random flip + shift up to 10% (3.2 px), nearest fill: Keras' ImageDataGenerator
-    shift: str = "bilinear"  # "bilinear": Keras' continuous shift; "pixel": whole pixels -3..3, no blur
+    augment: bool = True  # random flip + shift, edge (nearest) fill: Keras' ImageDataGenerator
+    shift: str | None = None  # "bilinear": Keras' continuous shift; "pixel": whole pixels, no blur
+    max_shift: float | None = None  # the largest shift per axis, a fraction of the side (0.1 of 32 px: 3.2 px)
     seed: int = 0  # initial weights, val split, data order and augmentation all follow from it
     init_weights: str | None = None  # start from these weights (a checkpoint, results/..., a converted Keras model)
 
@@ -69,6 +89,15 @@ class TrainConfig:
     #                          "fp64": for verification (N workers compute exactly what one does)
     eval_batch_size: int = 1000
     report_test: bool = True  # test accuracy every epoch; Tune trials turn it off (test is for the final pick only)
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise UserError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        for key, value in RECIPES[self.recipe].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.schedule_epochs is None:  # the fast recipe's one cycle spans the run
+            self.schedule_epochs = self.epochs
 
     @property
     def global_batch_size(self) -> int:
@@ -95,19 +124,25 @@ class TrainConfig:
             raise UserError(f"{self.num_workers} workers on {self.gpus_per_worker} GPU each would share one GPU, which "
                             f"NCCL refuses; give each worker a whole GPU or use 1 worker per trial")
         for key, allowed in (("padding", ("same", "symmetric")), ("shift", ("bilinear", "pixel")),
-                             ("batchnorm", ("global", "local")),
+                             ("batchnorm", ("global", "local")), ("optimizer", ("adam", "sgd")),
+                             ("weight_decay_on", ("conv", "weights")), ("anneal", ("linear", "cosine")),
+                             ("lr_policy", ("keras", "compose", "onecycle")),
                              ("precision", ("auto", "bf16", "fp32", "fp64"))):
             if getattr(self, key) not in allowed:
-                raise UserError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+                raise UserError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         _positive(schedule_epochs=self.schedule_epochs)
-        if self.plateau_min_lr >= self.lr:
+        if self.plateau_min_lr >= self.lr and self.lr_policy != "onecycle":
             raise UserError(f"--plateau-min-lr {self.plateau_min_lr:g} must be below --lr {self.lr:g}")
         if self.weight_decay < 0:
             raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.per_worker_batch_size is not None:
             _positive(per_worker_batch_size=self.per_worker_batch_size)
-        if self.lr_policy not in ("keras", "compose"):
-            raise UserError(f"--lr-policy must be 'keras' or 'compose', got {self.lr_policy!r}")
+        for key, low, high in (("label_smoothing", 0, 1), ("warmup_fraction", 0, 1), ("warmup_start_factor", 0, 1),
+                               ("max_shift", 0, 0.5), ("bn_momentum", 0, 1), ("momentum", 0, 1)):
+            if not low <= getattr(self, key) < high:
+                raise UserError(f"--{key.replace('_', '-')} must be in [{low}, {high}), got {getattr(self, key)}")
+        if not 0 <= self.final_lr < self.lr:
+            raise UserError(f"--final-lr {self.final_lr:g} must be >= 0 and below --lr {self.lr:g}")
         if not 0 < self.plateau_factor < 1:
             raise UserError(f"--plateau-factor must be in (0, 1), got {self.plateau_factor}")
         if self.plateau_patience < 0 or self.plateau_cooldown < 0:
@@ -133,6 +168,19 @@ class TrainConfig:
                             f"{self.num_workers}: every worker needs at least one per step")
         return self
 
+    def recipe_text(self) -> str:
+        """One line with the values the recipe resolved to (the run's start line; the saved config has them all)."""
+        policy = {"onecycle": f"one cycle over {self.schedule_epochs} epochs (warm-up {self.warmup_fraction:g} from "
+                              f"{self.warmup_start_factor:g}x, {self.anneal} to {self.final_lr:g}), per step",
+                  }.get(self.lr_policy, f"{self.lr_policy} steps over {self.schedule_epochs} epochs + plateau "
+                                        f"(factor {self.plateau_factor:.3g}, patience {self.plateau_patience})")
+        optimizer = (f"SGD (momentum {self.momentum:g}{', Nesterov' if self.nesterov else ''})"
+                     if self.optimizer == "sgd" else f"Adam (eps {self.adam_eps:g})")
+        shifts = f"{self.shift} shifts up to {self.max_shift:g} of the side" if self.augment else "no augmentation"
+        return (f"recipe {self.recipe}: {optimizer}, lr {self.lr:g}, {policy}; L2 {self.weight_decay:g} on "
+                f"{self.weight_decay_on}; label smoothing {self.label_smoothing:g}; flips + {shifts}; "
+                f"{self.padding} padding, BatchNorm momentum {self.bn_momentum:g}; {self.epochs} epochs")
+
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
@@ -144,6 +192,19 @@ class TrainConfig:
         if unknown:
             raise UserError(f"unknown training setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         return cls(**values)
+
+
+# What each recipe sets (any field the user leaves at None). Values for the fast recipe: anchors.md's short recipe
+# (SGD-Nesterov, one cycle 0.015 -> 0.15 -> 0 over 30 epochs, decay 5e-4 = 2 x 2.5e-4 on weights only, label
+# smoothing 0.1, whole-pixel shifts of up to 4 px, PyTorch's padding and BatchNorm momentum).
+RECIPES = {
+    "keras": {"padding": "same", "bn_momentum": 0.01, "epochs": 200, "schedule_epochs": 200, "optimizer": "adam",
+              "lr": 1e-3, "weight_decay": 1e-4, "weight_decay_on": "conv", "label_smoothing": 0.0,
+              "lr_policy": "keras", "shift": "bilinear", "max_shift": 0.1},
+    "fast": {"padding": "symmetric", "bn_momentum": 0.1, "epochs": 30, "optimizer": "sgd", "lr": 0.15,
+             "weight_decay": 2.5e-4, "weight_decay_on": "weights", "label_smoothing": 0.1, "lr_policy": "onecycle",
+             "shift": "pixel", "max_shift": 0.125},
+}
 
 
 def _positive(**values: int) -> None:

@@ -2,7 +2,8 @@
 
 Rebuilds the model the checkpoint describes, predicts the whole test set in eval mode (the same `predict`
 the training loop uses), prints overall and per-class accuracy, and writes them as JSON (`--output`) with
-a confusion-matrix PNG beside it.
+a confusion-matrix PNG beside it. `--tta flip` also reports the accuracy of the softmax averaged over each image
+and its mirror image, beside the plain number (which stays the headline and the per-class figures).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def load_model(checkpoint: str, device="cpu"):
     return model.to(torch.device(device)).eval(), meta
 
 
-def evaluate_checkpoint(checkpoint: str, data_dir: str, batch: int = 1000, device: str | None = None) -> dict:
+def evaluate_checkpoint(checkpoint: str, data_dir: str, batch: int = 1000, device: str | None = None,
+                        tta: str | None = None) -> dict:
     import numpy as np
     import torch
 
@@ -43,8 +45,14 @@ def evaluate_checkpoint(checkpoint: str, data_dir: str, batch: int = 1000, devic
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_model(checkpoint, dev)
     _, test, source = load_arrays(data_dir)
-    pred = predict(model, images_to_tensor(test.images, dev, channels_last=False), batch).argmax(1).cpu().numpy()
+    images = images_to_tensor(test.images, dev, channels_last=False)
+    logits = predict(model, images, batch)
+    pred = logits.argmax(1).cpu().numpy()
     labels = np.asarray(test.labels)
+    extra = {}
+    if tta == "flip":
+        probs = logits.softmax(1) + predict(model, images.flip(3), batch).softmax(1)
+        extra["test_accuracy_tta_flip"] = float((probs.argmax(1).cpu().numpy() == labels).mean())
     matrix = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
     np.add.at(matrix, (labels, pred), 1)
     per_class = matrix.diagonal() / matrix.sum(1)
@@ -54,7 +62,8 @@ def evaluate_checkpoint(checkpoint: str, data_dir: str, batch: int = 1000, devic
         "test_accuracy": float((pred == labels).mean()),
         "per_class_accuracy": {c: float(a) for c, a in zip(CLASSES, per_class)},
         "confusion_matrix": matrix.tolist(),
-        "reported_test_accuracy": meta.get("metrics", {}).get("test_accuracy"),
+        "reported_test_accuracy": (meta.get("metrics") or {}).get("test_accuracy"),
+        **extra,
     }
 
 
@@ -78,11 +87,14 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=default_data_dir(), help="CIFAR-10 (default: $CIFAR10_DIR, else ./data)")
     p.add_argument("--output", default=None, help="write the results as JSON here (confusion PNG beside it)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--tta", choices=("flip",), default=None,
+                   help="flip: also report test accuracy averaged over each image and its mirror image")
     args = p.parse_args(argv)
-    r = evaluate_checkpoint(args.checkpoint, args.data_dir, device=args.device)
+    r = evaluate_checkpoint(args.checkpoint, args.data_dir, device=args.device, tta=args.tta)
     print(f"checkpoint {r['checkpoint']} (ResNet-{r['depth']} v{r['version']}, epoch {r['epoch']}) on "
           f"{r['test_images']:,} test images from {r['data']}")
-    print(f"test accuracy {100 * r['test_accuracy']:.2f}%")
+    print(f"test accuracy {100 * r['test_accuracy']:.2f}%"
+          + (f" (with flip TTA: {100 * r['test_accuracy_tta_flip']:.2f}%)" if "test_accuracy_tta_flip" in r else ""))
     for c, a in r["per_class_accuracy"].items():
         print(f"  {c:<11} {100 * a:6.2f}%")
     if args.output:

@@ -13,6 +13,7 @@ import math
 import tempfile
 import time
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import ray.train
@@ -26,8 +27,9 @@ from .augment import draw_flip_shift, shift_images, to_float
 from .batchnorm import use_global_statistics
 from .config import TrainConfig, UserError
 from .device import exact_fp32, local_device, param_dtype, use_bf16
-from .model import NUM_CLASSES, ResNet, count_parameters, param_groups
-from .schedule import LRPolicy
+from .model import NUM_CLASSES, ResNet, count_parameters
+from .optim import build_optimizer, training_loss
+from .schedule import lr_policy
 from .sharding import epoch_order, smallest_step, step_seed, step_slice, steps_per_epoch
 
 
@@ -59,12 +61,13 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
     # Model, optimizer, LR policy: restored from the newest checkpoint after a failure or a resumed run.
     torch.manual_seed(cfg.seed)  # the initial weights follow --seed
-    model = ResNet(cfg.depth, cfg.version, padding=cfg.padding).to(device, param_dtype(cfg.precision))
+    model = ResNet(cfg.depth, cfg.version, padding=cfg.padding, bn_momentum=cfg.bn_momentum)
+    model = model.to(device, param_dtype(cfg.precision))
     if fast:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_eps,
-                                 fused=fast or None)
-    policy = LRPolicy.from_config(cfg)
+    optimizer = build_optimizer(model, cfg, fused=fast)
+    n_train = len(splits["train"][1])
+    policy = lr_policy(cfg, steps_per_epoch(n_train, cfg.global_batch_size))
     start_epoch, history, restarts, resume = 0, [], [], None
     restored = _checkpoint_to_restore(loop_config, rank, world)
     if restored is not None:
@@ -90,7 +93,6 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if world > 1 else model
 
     keeper = ckpt.LocalKeeper(loop_config["local_run_dir"], cfg.num_to_keep) if local_mode else None
-    n_train = len(splits["train"][1])
     if smallest_step(n_train, cfg.global_batch_size) < world:
         raise UserError(f"{world} workers, but the last batch of an epoch has only "
                         f"{smallest_step(n_train, cfg.global_batch_size)} images: use fewer workers")
@@ -102,10 +104,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         ray.train.report(history[-1])
     for epoch in range(start_epoch, cfg.epochs):
         lr = policy.lr(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         t0 = time.perf_counter()
         first_step, carried = (resume["step"], resume) if resume and epoch == start_epoch else (0, None)
+        set_lr(optimizer, lr)  # a per-step policy sets it again at every step
         carried_seconds = carried["train_seconds"] if carried else 0.0
         plan = EpochPlan(n_train, cfg.global_batch_size, world, rank, cfg.seed, epoch, first_step=first_step)
 
@@ -118,8 +119,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             _save_and_report(marks, _state(epoch, mid), rank, ckpt.dir_name(epoch, step), keeper)
 
         preempt = PreemptionWatch(on_notice, loop_config.get("preemption_check_steps", 0), local_mode)
-        train_sums = train_epoch(net, optimizer, splits["train"], plan, cfg.shift if cfg.augment else None, fast,
-                                 preempt)
+        augment = Augment(cfg.shift, cfg.max_shift) if cfg.augment else None
+        train_sums = train_epoch(net, optimizer, splits["train"], plan, augment, fast, preempt,
+                                 policy.lr if policy.per_step else None, cfg.label_smoothing)
         _synchronize(device)
         train_seconds = time.perf_counter() - t0 + carried_seconds
         train_loss, train_acc = _means(_all_reduce_totals(*train_sums, world, carried))
@@ -215,6 +217,18 @@ def _checkpoint_to_restore(loop_config: dict, rank: int, world: int):
     return ray.train.Checkpoint.from_directory(on_disk[0]) if on_disk[0] else registered
 
 
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class Augment(NamedTuple):
+    """Flips plus shifts of `shift` kind ("bilinear" or "pixel") of up to `max_shift` of the side."""
+
+    shift: str = "bilinear"
+    max_shift: float = 0.1
+
+
 class EpochPlan:
     """This worker's share of one epoch (see `sharding`): the epoch's order on the device, and per step the slice of
     it and the augmentation draws of the whole global batch, whatever the number of workers."""
@@ -231,10 +245,11 @@ class EpochPlan:
         return step_slice(self.n, self.batch, step, self.world, self.rank)
 
 
-def train_epoch(net, optimizer, train, plan: EpochPlan, shift, fast, watch=None) -> tuple[torch.Tensor, int]:
+def train_epoch(net, optimizer, train, plan: EpochPlan, augment: Augment | None, fast, watch=None, lr_at=None,
+                smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
     """One pass over this worker's share of the epoch: device sums (loss, correct) and the image count; no host
-    sync inside. `shift`: the augmentation ("bilinear" or "pixel", with random flips), None for none. `watch`: a
-    PreemptionWatch, told after every step."""
+    sync inside. `augment`: flips and shifts, None for none. `watch`: a PreemptionWatch, told after every step.
+    `lr_at(epoch, step)`: a per-step LR policy (one cycle), else the LR stays as set. `smoothing`: label smoothing."""
     images, labels = train
     device = images.device
     dtype = next(net.parameters()).dtype  # fp32; fp64 in the tests that check the math of N workers exactly
@@ -247,21 +262,21 @@ def train_epoch(net, optimizer, train, plan: EpochPlan, shift, fast, watch=None)
     net.train()
     sums, count = torch.zeros(2, device=device, dtype=torch.float64), 0
     for step in range(plan.first_step, plan.stop_step):
+        if lr_at is not None:
+            set_lr(optimizer, lr_at(plan.epoch, step))
         start, size, step_size = plan.step(step)
         idx = order[start:start + size]
         x, y = to_float(images[idx], dtype), labels[idx]
-        if shift:
+        if augment:
             gen.manual_seed(step_seed(plan.seed, plan.epoch, step))
             first = start - step * plan.batch  # this worker's rows of the step's draws
-            dy, dx, flip = draw_flip_shift(step_size, h, w, shift, device, gen)
+            dy, dx, flip = draw_flip_shift(step_size, h, w, augment.shift, device, gen, augment.max_shift)
             x = shift_images(x, dy[first:first + size], dx[first:first + size], flip[first:first + size])
         if fast:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
             logits = net(x)
-        # Softmax + categorical cross-entropy on one-hot targets, as the reference compiles its model.
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the loss in fp32
-        loss = F.cross_entropy(logits, F.one_hot(y, NUM_CLASSES).to(logits.dtype))
+        loss = training_loss(logits, y, smoothing)
         optimizer.zero_grad(set_to_none=set_to_none)
         # Weighted so that DDP's average over the workers is the mean over the step's global batch.
         (loss * (plan.world * size / step_size)).backward()

@@ -103,7 +103,8 @@ class ResNet(nn.Module):
     """ResNet v1 (depth 6n+2, 16/32/64 filters) or v2 (depth 9n+2, pre-activation bottlenecks 16/64/128 wide with
     outputs 64/128/256)."""
 
-    def __init__(self, depth: int = 20, version: int = 1, num_classes: int = NUM_CLASSES, padding: str = "same"):
+    def __init__(self, depth: int = 20, version: int = 1, num_classes: int = NUM_CLASSES, padding: str = "same",
+                 bn_momentum: float = 0.01):
         super().__init__()
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
@@ -141,6 +142,9 @@ class ResNet(nn.Module):
         self.head_norm = (nn.Sequential(BatchNorm2d(in_ch, eps=1e-3, momentum=0.01), nn.ReLU(inplace=True))
                           if version == 2 else nn.Identity())
         self.fc = nn.Linear(in_ch, num_classes)
+        for m in self.modules():  # the running statistics' update rate (0.01: Keras' momentum 0.99)
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = bn_momentum
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -161,15 +165,17 @@ class ResNet(nn.Module):
         return F.softmax(self(x), dim=1)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split parameters so that only conv kernels carry the L2 penalty, as Keras' kernel_regularizer does.
+def param_groups(model: nn.Module, weight_decay: float, on: str = "conv") -> list[dict]:
+    """Split parameters so that only conv kernels carry the L2 penalty, as Keras' kernel_regularizer does
+    (`on="weights"`: the dense layer's weight too; never BatchNorm or biases).
 
     Keras adds `weight_decay * sum(w**2)` to the loss, whose gradient is `2 * weight_decay * w`. Adam's
     `weight_decay` argument adds `wd * w` to the gradient before the moment updates (coupled L2, not AdamW),
     so `wd = 2 * weight_decay` on the conv kernels gives exactly the reference's gradient, without computing
-    the penalty every step. `tests/test_model.py` checks the two are equal.
+    the penalty every step (SGD's weight_decay is the same coupled term). `tests/test_model.py` checks the two are equal.
     """
-    kernels = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    decayed = (nn.Conv2d,) if on == "conv" else (nn.Conv2d, nn.Linear)
+    kernels = [m.weight for m in model.modules() if isinstance(m, decayed)]
     kernel_ids = {id(p) for p in kernels}
     rest = [p for p in model.parameters() if id(p) not in kernel_ids]
     return [{"params": kernels, "weight_decay": 2 * weight_decay}, {"params": rest, "weight_decay": 0.0}]

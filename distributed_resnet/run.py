@@ -270,7 +270,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
         print(f"run {cfg.name}: ResNet-{cfg.depth} v{cfg.version}, {len(data.train):,} train / {len(data.val):,} "
               f"{'test (as val)' if data.val_is_test else 'val'} / {len(data.test):,} test images from {data.source}, "
               f"{workers_text(cfg)}, batch {cfg.global_batch_size}, "
-              f"lr {cfg.lr:g} ({cfg.lr_policy}); folder {run_path}", flush=True)
+              f"folder {run_path}\n{cfg.recipe_text()}", flush=True)
     if local:
         os.makedirs(run_path, exist_ok=True)
         loop_config = {"config": cfg.to_dict(), "data": data_refs(data, lambda a: a), "val_is_test": data.val_is_test,

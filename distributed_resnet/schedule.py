@@ -1,4 +1,5 @@
-"""The reference's learning-rate policy: a step schedule by epoch times Keras' ReduceLROnPlateau.
+"""Learning-rate policies: the reference's step schedule with Keras' ReduceLROnPlateau (per epoch), and the fast
+recipe's one cycle (per step).
 
 In Keras, `LearningRateScheduler` sets the LR from the schedule at the start of every epoch, so a cut that
 `ReduceLROnPlateau` makes at the end of an epoch is overwritten before it acts (see anchors.md). Two
@@ -8,6 +9,9 @@ policies therefore:
   `min_lr` is a floor under the product, as `ReduceLROnPlateau(min_lr=...)` promises.
 `schedule_epochs` N places the reference's steps at the same fractions of N (80/200, 120/200, ...), so a short
 run (a sweep trial) goes through the whole recipe in miniature; N = 200 is the reference exactly.
+`OneCycle` sets the LR at every step from the step's index in the run alone: a warm-up from
+`start_factor * peak` to the peak over the first `warmup_fraction` of the steps, then a linear or cosine decay
+to `final_lr` at the last step. A resumed run (even mid-epoch) continues at the same step, with nothing to restore.
 Pure Python, no torch: the state is a small dict that goes into every checkpoint.
 """
 
@@ -40,17 +44,19 @@ class PlateauState:
 
 
 class LRPolicy:
-    """`lr(epoch)` before each epoch, `end_epoch(epoch, val_loss)` after it; `state_dict` for checkpoints."""
+    """The reference's policy, per epoch. `lr(epoch)` before each epoch, `end_epoch(epoch, val_loss)` after it; `state_dict` for checkpoints."""
 
     def __init__(self, base_lr: float, policy: str = "keras", factor: float = math.sqrt(0.1), patience: int = 5,
                  min_lr: float = 0.5e-6, cooldown: int = 0, min_delta: float = 1e-4,
                  schedule_epochs: int = REFERENCE_EPOCHS):
-        if policy not in ("keras", "compose"):
+        if policy not in ("keras", "compose"):  # "onecycle" is OneCycle's
             raise ValueError(f"policy must be 'keras' or 'compose', got {policy!r}")
         self.base_lr, self.policy, self.schedule_epochs = base_lr, policy, schedule_epochs
         self.factor, self.patience, self.min_lr = factor, patience, min_lr
         self.cooldown, self.min_delta = cooldown, min_delta
         self.state = PlateauState()
+
+    per_step = False
 
     @classmethod
     def from_config(cls, cfg) -> "LRPolicy":
@@ -92,3 +98,49 @@ class LRPolicy:
 
     def load_state_dict(self, state: dict) -> None:
         self.state = PlateauState(**state)
+
+
+@dataclass(frozen=True)
+class OneCycle:
+    """The one-cycle policy over `total_steps` steps: `lr_at(step)` with the 0-based step of the whole run."""
+
+    peak: float
+    total_steps: int
+    warmup_fraction: float = 0.15
+    start_factor: float = 0.1
+    anneal: str = "linear"
+    final_lr: float = 0.0
+    steps_per_epoch: int = 1
+
+    per_step = True
+
+    @classmethod
+    def from_config(cls, cfg, steps_per_epoch: int) -> "OneCycle":
+        return cls(cfg.lr, cfg.schedule_epochs * steps_per_epoch, cfg.warmup_fraction, cfg.warmup_start_factor,
+                   cfg.anneal, cfg.final_lr, steps_per_epoch)
+
+    def lr_at(self, step: int) -> float:
+        warmup = round(self.warmup_fraction * self.total_steps)
+        if step < warmup:
+            return self.peak * (self.start_factor + (1 - self.start_factor) * step / warmup)
+        frac = min(1.0, (step - warmup) / max(1, self.total_steps - 1 - warmup))
+        shape = 1 - frac if self.anneal == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+        return self.final_lr + (self.peak - self.final_lr) * shape
+
+    def lr(self, epoch: int, step: int = 0) -> float:
+        """The LR at `step` of 0-based `epoch` (the epoch's first step by default)."""
+        return self.lr_at(epoch * self.steps_per_epoch + step)
+
+    def end_epoch(self, epoch: int, monitored: float) -> bool:
+        return False  # no plateau monitor: the cycle is fixed in advance
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def lr_policy(cfg, steps_per_epoch: int):
+    """The policy `cfg.lr_policy` names: OneCycle for "onecycle", else the reference's LRPolicy."""
+    return OneCycle.from_config(cfg, steps_per_epoch) if cfg.lr_policy == "onecycle" else LRPolicy.from_config(cfg)

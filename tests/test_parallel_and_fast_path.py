@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from distributed_resnet.augment import to_float
-from distributed_resnet.loop import EpochPlan, images_to_tensor, train_epoch
+from distributed_resnet.loop import Augment, EpochPlan, images_to_tensor, train_epoch
 from distributed_resnet.sharding import epoch_order, split, step_slice, steps_per_epoch
 from distributed_resnet.model import NUM_CLASSES, ResNet, param_groups
 
@@ -46,7 +46,7 @@ def _train_worker(rank, world, store_dir, out, batchnorm):
     for epoch in range(2):
         for step in range(math.ceil(N_STEPS_DATA / STEP_BATCH)):
             plan = EpochPlan(N_STEPS_DATA, STEP_BATCH, world, rank, SEED, epoch, first_step=step, stop_step=step + 1)
-            sums, count = train_epoch(net, opt, train, plan, "bilinear", False)
+            sums, count = train_epoch(net, opt, train, plan, Augment("bilinear"), False)
             totals = torch.cat([sums, torch.tensor([float(count)], dtype=sums.dtype)])
             dist.all_reduce(totals)
             losses.append((totals[0] / totals[2]).item())
@@ -110,7 +110,7 @@ def _run_steps(fast: bool, steps: int = 4):
     losses = []
     for s in range(steps):
         plan = EpochPlan(N, 16, 1, 0, SEED, 0, first_step=s, stop_step=s + 1)
-        sums, count = train_epoch(model, opt, train, plan, "bilinear", fast)
+        sums, count = train_epoch(model, opt, train, plan, Augment("bilinear"), fast)
         losses.append(sums[0].item() / count)
     return losses, model
 
@@ -145,10 +145,10 @@ def test_ddp_gradients_stay_views_of_the_all_reduce_buckets(tmp_path):
         opt = torch.optim.Adam(param_groups(model, 1e-4), lr=1e-3)
         images, labels = _data()
         train = images_to_tensor(images, "cpu", False), torch.from_numpy(labels)
-        train_epoch(ddp, opt, train, EpochPlan(N, 25, 1, 0, SEED, 0, stop_step=2), "pixel", False)
+        train_epoch(ddp, opt, train, EpochPlan(N, 25, 1, 0, SEED, 0, stop_step=2), Augment("pixel"), False)
         views = [p.grad for p in model.parameters()]
         assert all(g is not None and g._is_view() for g in views)
-        train_epoch(ddp, opt, train, EpochPlan(N, 25, 1, 0, SEED, 1, stop_step=2), "pixel", False)
+        train_epoch(ddp, opt, train, EpochPlan(N, 25, 1, 0, SEED, 1, stop_step=2), Augment("pixel"), False)
         assert all(p.grad is g for p, g in zip(model.parameters(), views))
     finally:
         dist.destroy_process_group()
