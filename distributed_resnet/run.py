@@ -246,6 +246,11 @@ def resolve_use_gpu(cfg: TrainConfig) -> bool:
 
 def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = False, quiet: bool = False) -> dict:
     """Train, then write results.json and curves.png into the run folder; returns the results dict."""
+    return train(cfg, address, verbose, quiet)[1]
+
+
+def train(cfg: TrainConfig, address: str | None = None, verbose: bool = False, quiet: bool = False):
+    """(Ray Train's Result, the project's results dict) of one run: checks, data, the TorchTrainer, outputs."""
     import ray
 
     cfg, root, run_path, init_state = prepare_run(cfg)
@@ -306,7 +311,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
         for line in summary_lines(results):
             print(line, flush=True)
         print(f"results: {run_path}/results.json, curves: {run_path}/curves.png", flush=True)
-    return results
+    return result, results
 
 
 def stop_local_ray(timeout: float = 30) -> None:

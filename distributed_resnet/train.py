@@ -17,10 +17,11 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     args = p.parse_args(argv)
     cfg = config_from_args(args).validate()  # before the slow imports of torch and Ray
-    from .run import Interrupted, run_training
+    from .api import fit
+    from .run import Interrupted
 
     try:
-        results = run_training(cfg, address=args.address, verbose=args.verbose)
+        results = fit(cfg, address=args.address, verbose=args.verbose, quiet=False).summary
     except Interrupted as e:
         argv = list(sys.argv[1:] if argv is None else argv)
         if cfg.name and "--name" not in argv:

@@ -227,19 +227,20 @@ def test_documented_training_command_fits_the_gpu_nodes(config, monkeypatch, whi
 
 
 def test_documented_sweep_fits_and_its_config_exists(config, monkeypatch):
-    tune = pytest.importorskip("distributed_resnet.tune")
+    tuner = pytest.importorskip("distributed_resnet.sweep.tuner")
+    from distributed_resnet.sweep.cli import main
     seen = {}
 
     def fake_run_sweep(spec, data_dir, storage_path, name, *args, **kwargs):
         seen.update(spec=spec, storage_path=storage_path)
-        return {"experiment_path": f"{storage_path}/{name}", "wall_seconds": 0.0, "metric": "val_accuracy",
-                "trials": []}
+        return None, {"experiment_path": f"{storage_path}/{name}", "wall_seconds": 0.0, "metric": "val_accuracy",
+                      "trials": []}
 
-    monkeypatch.setattr(tune, "run_sweep", fake_run_sweep)
+    monkeypatch.setattr(tuner, "run_sweep", fake_run_sweep)
     monkeypatch.chdir(REPO)  # --working-dir . : the config path is relative to the repository root
     args = documented_command("tune")
     try:
-        tune.main(args)
+        main(args)
     except SystemExit as e:
         pytest.fail(f"`python -m distributed_resnet.tune {shlex.join(args)}` is rejected by the CLI (exit {e.code})")
     spec, storage_path = seen["spec"], seen["storage_path"]
@@ -314,7 +315,8 @@ def test_lr_plateau_sweep_fills_one_gpu_node_exactly(config):
     (their Train workers' CPUs and GPU fractions fit its declared resources), and the trials' own processes
     (DRIVER_CPU each) are pinned to the head, which has the CPUs for them, so they take nothing from that node.
     (The autoscaler adds a node only for more concurrent trials, never for a trial's leftover half-GPU.)"""
-    from distributed_resnet.tune import DRIVER_CPU, driver_resources, load_sweep, planned_trials
+    from distributed_resnet.sweep.space import DRIVER_CPU, driver_resources
+    from distributed_resnet.sweep.spec import load_sweep, planned_trials
 
     spec = load_sweep(str(REPO / "tune_configs" / "lr_plateau.yaml"))
     res = spec["resources"]

@@ -14,8 +14,9 @@ import yaml
 
 from conftest import REPO, kill_with_everything_it_started, run_cli
 from distributed_resnet.config import UserError
-from distributed_resnet import tune
-from distributed_resnet.tune import default_point, load_sweep, trial_config
+from distributed_resnet.sweep.space import default_notes, default_point, driver_resources, search_space
+from distributed_resnet.sweep.spec import load_sweep, planned_trials, scheduler_spec, trial_config
+from distributed_resnet.sweep.summary import vs_default_text
 
 SMOKE = REPO / "tune_configs" / "smoke.yaml"
 
@@ -44,15 +45,15 @@ def test_shipped_configs_pass_the_schema():
 def test_cpu_sweep_fits_two_cores_and_an_hour():
     spec = load_sweep(str(REPO / "tune_configs" / "cpu_sweep.yaml"))
     fixed, res = spec["fixed"], spec["resources"]
-    assert 12 <= tune.planned_trials(spec) <= 16 and 10 <= fixed["epochs"] <= 15
+    assert 12 <= planned_trials(spec) <= 16 and 10 <= fixed["epochs"] <= 15
     assert fixed["schedule_epochs"] == fixed["epochs"]
     assert fixed["max_train_samples"] == 10000 and fixed["val_size"] == 5000
     assert spec["max_concurrent_trials"] * res["num_workers"] * res["cpus_per_worker"] <= 2
-    assert res["gpus_per_worker"] == 0 and tune.scheduler_spec(spec)["type"] == "asha"
+    assert res["gpus_per_worker"] == 0 and scheduler_spec(spec)["type"] == "asha"
     # The bound in its comments: every trial runs every epoch (ASHA stops none), at ~500 images/s per 1-thread
     # worker plus ~6 s of evaluation and reporting per epoch, two trials at a time, + ~10 s to start each trial.
     trial_epoch_s = fixed["max_train_samples"] / 500 + 6
-    worst = (tune.planned_trials(spec) * fixed["epochs"] * trial_epoch_s + tune.planned_trials(spec) * 10) / 2
+    worst = (planned_trials(spec) * fixed["epochs"] * trial_epoch_s + planned_trials(spec) * 10) / 2
     assert worst < 3600 * 0.85, f"{worst / 60:.0f} min if ASHA stopped nothing"
 
 
@@ -60,21 +61,22 @@ def test_default_point_and_notes():
     spec = yaml.safe_load(SMOKE.read_text())
     spec["fixed"]["lr"] = 2e-3  # fixed overrides TrainConfig's default
     assert default_point(spec) == {"lr": 2e-3, "lr_policy": "keras", "plateau_patience": 5}
-    notes = tune.default_notes(spec)
+    notes = default_notes(spec)
     assert len(notes) == 1 and "plateau_patience" in notes[0] and "outside randint [1, 3]" in notes[0]
     # Optuna cannot enqueue a value missing from a categorical: the choice list gains the default.
     spec["search"]["lr_policy"] = {"choice": ["compose"]}
-    space = tune.search_space(spec, default_point(spec))
+    space = search_space(spec, default_point(spec))
     assert space["lr_policy"].categories == ["compose", "keras"]
-    assert tune.search_space(spec)["lr_policy"].categories == ["compose"]  # random search: the point sets it
+    assert search_space(spec)["lr_policy"].categories == ["compose"]  # random search: the point sets it
     # num_samples counts the default; a grid runs num_samples times, plus the default.
-    assert tune.planned_trials(spec) == 4
+    assert planned_trials(spec) == 4
     spec["search"]["lr_policy"] = {"grid": ["keras", "compose"]}
-    assert tune.planned_trials(spec) == 9 and tune.planned_trials(spec, 1) == 3
+    assert planned_trials(spec) == 9 and planned_trials(spec, 1) == 3
 
 
 def test_default_trial_marking_and_vs_default_text():
-    from distributed_resnet.tune_trials import clip_to_ranges, creation_index, default_trial_id
+    from distributed_resnet.sweep.progress import creation_index, default_trial_id
+    from distributed_resnet.sweep.space import clip_to_ranges
 
     tags = ("0", "1_lr=0.0010,lr_policy=keras", "3_lr=0.002@perturbed[lr=0.0016]")
     assert [creation_index(t) for t in tags] == [0, 1, 3]
@@ -86,15 +88,15 @@ def test_default_trial_marking_and_vs_default_text():
     m = "val_accuracy"
     default = {"trial_id": "a_00000", m: 0.70, "status": "done"}
     better = {"trial_id": "a_00003", m: 0.7123, "status": "done"}
-    assert tune.vs_default_text(better, default, m, 1, False) == (
+    assert vs_default_text(better, default, m, 1, False) == (
         "the best trial beats the default recipe by +1.23 points of val_accuracy (71.23% vs 70.00%)")
-    assert tune.vs_default_text(default, default, m, 1, False).startswith("the default recipe is the best trial")
-    assert "does not beat" in tune.vs_default_text({**better, m: 0.70}, default, m, 1, False)
+    assert vs_default_text(default, default, m, 1, False).startswith("the default recipe is the best trial")
+    assert "does not beat" in vs_default_text({**better, m: 0.70}, default, m, 1, False)
     failed = {**default, m: None, "status": "error"}
-    assert "reported no val_accuracy" in tune.vs_default_text(better, failed, m, 1, False)
-    assert "-0.0100 val_loss" not in tune.vs_default_text({"trial_id": "b", "val_loss": 0.5},
+    assert "reported no val_accuracy" in vs_default_text(better, failed, m, 1, False)
+    assert "-0.0100 val_loss" not in vs_default_text({"trial_id": "b", "val_loss": 0.5},
                                                            {"trial_id": "a", "val_loss": 0.51}, "val_loss", -1, False)
-    assert "+0.0100 val_loss" in tune.vs_default_text({"trial_id": "b", "val_loss": 0.5},
+    assert "+0.0100 val_loss" in vs_default_text({"trial_id": "b", "val_loss": 0.5},
                                                       {"trial_id": "a", "val_loss": 0.51}, "val_loss", -1, False)
     # PBT's explore step is clipped to the search range.
     assert clip_to_ranges({"lr": (1e-4, 1e-2, False), "plateau_patience": (1, 3, True)},
@@ -105,7 +107,7 @@ def test_default_trial_marking_and_vs_default_text():
 def test_asha_lets_a_trial_end_by_itself_at_its_last_epoch():
     from ray.tune.schedulers import TrialScheduler
 
-    from distributed_resnet.tune_trials import FinalEpochASHA
+    from distributed_resnet.sweep.space import FinalEpochASHA
 
     asha = FinalEpochASHA(3, time_attr="epoch", metric="val_accuracy", mode="max", max_t=3, grace_period=1)
     good, bad = _FakeTrial("x_00000", {"lr": 1e-3}, 0, 0), _FakeTrial("x_00001", {"lr": 1e-3}, 0, 0)
@@ -117,9 +119,9 @@ def test_asha_lets_a_trial_end_by_itself_at_its_last_epoch():
 
 
 def test_trial_drivers_go_to_the_head_when_it_has_room():
-    assert tune.driver_resources(8, 4) == {"CPU": 0.01, "node:__internal_head__": 0.01}
-    assert tune.driver_resources(0, 4) == {"CPU": 0.01}  # a head without CPUs: anywhere
-    assert tune.driver_resources(None, 4) == {"CPU": 0.01}
+    assert driver_resources(8, 4) == {"CPU": 0.01, "node:__internal_head__": 0.01}
+    assert driver_resources(0, 4) == {"CPU": 0.01}  # a head without CPUs: anywhere
+    assert driver_resources(None, 4) == {"CPU": 0.01}
 
 
 class _FakeTrial:
@@ -133,7 +135,7 @@ class _FakeTrial:
 
 
 def test_progress_lines_tell_finished_from_stopped_and_error(capsys):
-    from distributed_resnet.tune_trials import ProgressLines
+    from distributed_resnet.sweep.progress import ProgressLines
 
     point = {"lr": 1e-3, "lr_policy": "keras"}
     cb = ProgressLines("val_accuracy", "max", 4, point, 3, "asha")

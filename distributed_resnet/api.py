@@ -1,0 +1,52 @@
+"""The Python face, for notebooks and scripts: `fit` and `sweep` return Ray's own result objects.
+
+    from distributed_resnet import TrainConfig, fit, sweep
+    result = fit(TrainConfig(recipe="fast", num_workers=2))
+    result.metrics, result.checkpoint, result.best_checkpoints, result.path, result.summary
+    grid = sweep("tune_configs/smoke.yaml", data_dir="../shared/cifar10/mini")
+    grid.get_best_result("val_accuracy", "max").checkpoint
+
+The command lines (`train`, `tune`) are thin callers of the same functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import ray.train
+
+from .config import TrainConfig
+
+
+@dataclasses.dataclass
+class TrainResult(ray.train.Result):
+    """Ray Train's `Result` of the run, plus `summary`: what `results.json` in its folder holds (the best-by-val
+    checkpoint and its test accuracy, the history, the resolved config, speed)."""
+
+    summary: dict = dataclasses.field(default_factory=dict)
+
+
+def fit(config: TrainConfig, address: str | None = None, verbose: bool = False, quiet: bool = True) -> TrainResult:
+    """Train one run of `config` (validated first) with Ray Train; `quiet=False` prints the per-epoch lines."""
+    from .run import train
+
+    result, summary = train(config.validate(), address=address, verbose=verbose, quiet=quiet)
+    fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.init}
+    return TrainResult(**fields, summary=summary)
+
+
+def sweep(config_path: str, data_dir: str | None = None, storage_path: str = "~/ray_results", name: str | None = None,
+          num_samples: int | None = None, resume: bool = False, address: str | None = None, verbose: bool = False):
+    """Run the sweep file at `config_path`; returns Ray Tune's `ResultGrid`. best.json and trials.json (the
+    winner, evaluated once on test, and every trial against the default recipe) land in the sweep's folder."""
+    from .sweep.spec import load_sweep
+    from .sweep.summary import write_summary
+    from .sweep.tuner import run_sweep
+
+    spec = load_sweep(config_path)
+    name = name or spec.get("name") or f"tune_{time.strftime('%Y%m%d-%H%M%S')}"
+    grid, summary = run_sweep(spec, data_dir, storage_path, name, num_samples, resume, address, verbose)
+    if summary.get("best") is not None:
+        write_summary(summary)
+    return grid

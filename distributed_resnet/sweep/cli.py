@@ -1,0 +1,57 @@
+"""`python -m distributed_resnet.tune --config tune_configs/<file>.yaml`: a Ray Tune sweep of the recipe.
+
+Progress: one line per trial as it ends (finished, stopped by ASHA, or error); Tune's own tables stay off unless
+--verbose. At the end: the table of trials (the default recipe's marked `*`), the winner's test accuracy
+(evaluated once, after selection) and how it compares with the default; best.json and trials.json in the
+sweep's folder.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..cli import Parser, main_guard
+from ..config import UserError
+from ..data import default_data_dir
+from .schema import scheduler_spec, search_alg_spec
+from .space import default_notes
+from .spec import load_sweep, planned_trials
+
+
+def main(argv=None) -> int:
+    p = Parser(prog="python -m distributed_resnet.tune", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="sweep YAML (see tune_configs/)")
+    p.add_argument("--data-dir", default=None, help="overrides fixed.data_dir (default: the YAML's, else $CIFAR10_DIR)")
+    p.add_argument("--storage-path", default="~/ray_results", help="local folder or s3:// URI (default %(default)s)")
+    p.add_argument("--name", default=None, help="sweep folder (default: the YAML's name, else tune_<time>)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="trials, the default-recipe trial included (default: the YAML's)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
+    p.add_argument("--verbose", action="store_true", help="show Tune's and Ray's own progress output")
+    args = p.parse_args(argv)
+    spec = load_sweep(args.config)
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError(f"--num-samples must be a positive integer, got {args.num_samples}")
+    data_dir = args.data_dir or (None if (spec.get("fixed") or {}).get("data_dir") else default_data_dir())
+    name = args.name or spec.get("name") or f"tune_{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"sweep {name}: {planned_trials(spec, args.num_samples)} trials ({search_alg_spec(spec)['type']} search, "
+          f"{scheduler_spec(spec)['type']} scheduler; the first runs the default recipe) from {args.config}", flush=True)
+    for note in default_notes(spec):
+        print(f"note: {note}", flush=True)
+    from .summary import print_outcome, print_table, write_summary
+    from .tuner import run_sweep
+
+    _, summary = run_sweep(spec, data_dir, args.storage_path, name, args.num_samples, args.resume, args.address,
+                           args.verbose)
+    if summary.get("best") is None:
+        print_table(summary)
+        print("no trial produced a checkpoint", flush=True)
+        return 1
+    write_summary(summary)
+    print_outcome(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    main_guard(main)

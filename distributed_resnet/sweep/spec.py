@@ -1,0 +1,125 @@
+"""Reading a sweep file: the schema's checks (`schema.py`), then what needs the training config: every corner of
+the search space is a config `TrainConfig.validate()` accepts, and the searcher, scheduler and space fit
+together. Every mistake is one `UserError` line naming the key. `load_sweep` returns the YAML as a plain dict,
+which is what Tune's trial functions receive. No Ray import here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from ..config import TrainConfig, UserError
+from .schema import SweepFile, one_line, scheduler_spec, search_alg_spec
+
+RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
+# What PBT may change during a trial: the settings the loop reads from the config at every (re)start, rather
+# than from the checkpoint (the optimizer's own hyperparameters, weight decay included, are restored from it).
+MUTABLE = ("lr", "lr_policy", "plateau_factor", "plateau_patience", "plateau_cooldown", "plateau_min_lr",
+           "plateau_min_delta")
+
+
+def load_sweep(path: str) -> dict:
+    """Read and check a sweep YAML; every mistake is a one-line UserError naming the key."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"no sweep config at {path}; see tune_configs/ for examples")
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}")
+    spec = {k: v for k, v in spec.items() if v is not None} if isinstance(spec, dict) else spec
+    try:
+        SweepFile.model_validate(spec)
+    except ValidationError as e:
+        raise UserError(f"{path}: {one_line(e, spec)}") from None
+    check_against_training(spec, path)
+    return spec
+
+
+def trial_config(spec: dict, sampled: dict) -> dict:
+    """Training settings of one trial: defaults < fixed < resources < sampled values."""
+    res = spec.get("resources") or {}
+    values = {**(spec.get("fixed") or {}), "num_workers": res.get("num_workers", 1),
+              "cpus_per_worker": res.get("cpus_per_worker", 1), "gpus_per_worker": res.get("gpus_per_worker", 0),
+              "report_test": False, **sampled}
+    values["use_gpu"] = values["gpus_per_worker"] > 0
+    return values
+
+
+def grid_size(spec: dict) -> int:
+    return math.prod(len(d["grid"]) for d in (spec.get("search") or {}).values() if "grid" in d)
+
+
+def planned_trials(spec: dict, num_samples: int | None = None) -> int:
+    """Trials the sweep runs: num_samples counts the default trial; a grid runs num_samples times plus the default."""
+    n = num_samples or spec.get("num_samples", 1)
+    return n if grid_size(spec) == 1 else n * grid_size(spec) + 1
+
+
+def check_pbt_population(spec: dict, n: int, where: str) -> None:
+    """PBT compares and copies between trials that train at the same time. The Train workers are not part of a
+    trial's Tune resources, so only max_concurrent_trials keeps trials from oversubscribing the cluster, and with
+    fewer slots than trials the population would run in separate batches that never meet."""
+    limit = spec.get("max_concurrent_trials")
+    if limit is not None and limit < n:
+        raise UserError(f"{where}: scheduler pbt trains its whole population at once: max_concurrent_trials ({limit}) "
+                        f"must be >= its {n} trials; lower num_samples or raise the limit")
+
+
+def check_against_training(spec: dict, path: str) -> None:
+    """What the schema cannot see: the keys and values the trainer accepts, and how the parts fit together."""
+    fields = set(TrainConfig.__dataclass_fields__) - set(RESOURCE_KEYS)
+    for section in ("fixed", "search"):
+        unknown = sorted(set(spec.get(section) or {}) - fields)
+        if unknown:
+            raise UserError(f"{path}: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                            f"allowed: {', '.join(sorted(fields))}")
+    search = spec.get("search") or {}
+    # The driver loads fixed.init_weights once, for the base architecture, and hands it to every trial.
+    clash = sorted({"init_weights", "depth", "version", "padding"} & set(search))
+    if clash and ("init_weights" in clash or (spec.get("fixed") or {}).get("init_weights")):
+        raise UserError(f"{path}: search.{clash[0]} cannot vary with init_weights (one set of weights, of one "
+                        f"architecture, starts every trial): fix it, or drop init_weights")
+    # The default trial and every corner of the space make valid training configs.
+    base = trial_config(spec, {})
+    TrainConfig.from_dict(base).validate()
+    for key, dist in search.items():
+        for value in next(iter(dist.values())):  # the choices, or both ends of a range
+            TrainConfig.from_dict({**base, key: value}).validate()
+    if search_alg_spec(spec)["type"] == "optuna":
+        grids = [k for k, d in search.items() if "grid" in d]
+        if grids:
+            raise UserError(f"{path}: search.{grids[0]} uses grid, which search_alg optuna cannot sample "
+                            f"(TPE draws values): use choice, or search_alg.type random")
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise UserError(f"{path}: search_alg optuna needs the optuna package: "
+                            f"pip install 'distributed-resnet[tune]'")
+    sched = scheduler_spec(spec)
+    if sched["type"] == "pbt":
+        _check_pbt(spec, sched, path, TrainConfig.from_dict(base).epochs)
+
+
+def _check_pbt(spec: dict, sched: dict, path: str, epochs: int) -> None:
+    if search_alg_spec(spec)["type"] != "random":
+        raise UserError(f"{path}: scheduler pbt needs search_alg.type random (Ray's PBT samples the population "
+                        f"itself and refuses other search algorithms)")
+    if sched["perturbation_interval"] >= epochs:
+        raise UserError(f"{path}: scheduler.perturbation_interval {sched['perturbation_interval']} must be below the "
+                        f"trials' epochs ({epochs}), or PBT never acts")
+    search = spec.get("search") or {}
+    for key in sched["mutate"]:
+        if key not in MUTABLE:
+            raise UserError(f"{path}: scheduler.mutate: PBT cannot change {key} during training; "
+                            f"mutable: {', '.join(MUTABLE)}")
+        if key not in search:
+            raise UserError(f"{path}: scheduler.mutate names {key}, which is not in search (its range bounds the "
+                            f"mutations): add search.{key}")
+        if "grid" in search[key]:
+            raise UserError(f"{path}: search.{key} is a grid; PBT mutates it, so give it choice or a range")
+    check_pbt_population(spec, planned_trials(spec), path)
