@@ -4,7 +4,8 @@
     result = fit(TrainConfig(recipe="fast", num_workers=2))
     result.metrics, result.checkpoint, result.best_checkpoints, result.path, result.summary
     grid = sweep("tune_configs/smoke.yaml", data_dir="../shared/cifar10/mini")
-    grid.get_best_result("val_accuracy", "max").checkpoint
+    best = grid.get_best_result("val_accuracy", "max", scope="all")
+    ray.train.Checkpoint(best.metrics["checkpoint_path"])   # Ray Train in Tune reports its checkpoint's path
 
 The command lines (`train`, `tune`) are thin callers of the same functions.
 """
@@ -38,11 +39,12 @@ def fit(config: TrainConfig, address: str | None = None, verbose: bool = False, 
 
 def sweep(config_path: str, data_dir: str | None = None, storage_path: str = "~/ray_results", name: str | None = None,
           num_samples: int | None = None, resume: bool = False, address: str | None = None, verbose: bool = False):
-    """Run the sweep file at `config_path`; returns Ray Tune's `ResultGrid`. best.json and trials.json (the
-    winner, evaluated once on test, and every trial against the default recipe) land in the sweep's folder."""
-    from .sweep.spec import load_sweep
-    from .sweep.summary import write_summary
-    from .sweep.tuner import run_sweep
+    """Run the sweep file at `config_path`; returns Ray Tune's `ResultGrid`. Each trial's results carry its Ray Train
+    checkpoint as `metrics["checkpoint_path"]` (Ray's TuneReportCallback). best.json and trials.json (the winner,
+    evaluated once on test, and every trial against the default recipe) land in the sweep's folder."""
+    from .sweeps.spec import load_sweep
+    from .sweeps.summary import write_summary
+    from .sweeps.tuner import run_sweep
 
     spec = load_sweep(config_path)
     name = name or spec.get("name") or f"tune_{time.strftime('%Y%m%d-%H%M%S')}"

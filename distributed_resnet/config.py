@@ -83,7 +83,7 @@ class TrainConfig:
     resume: bool = False
     num_to_keep: int = 2  # checkpoints kept: the best by val accuracy, plus always the latest
 
-    # --- speed (each on by default where it helps: see the README's speed section) ---
+    # --- speed (each on by default where it helps: see docs/speed.md) ---
     precision: str = "auto"  # "bf16": autocast + channels_last + fused Adam; "auto": bf16 on CUDA and on CPUs
     #                          with native bf16 (AMX / AVX512-BF16), else fp32; "fp32": plain eager steps;
     #                          "fp64": for verification (N workers compute exactly what one does)

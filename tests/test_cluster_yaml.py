@@ -190,12 +190,13 @@ def parse_train_command(monkeypatch, args: list[str]):
 
     seen = {}
 
-    def fake_run_training(cfg, address=None, verbose=False, quiet=False):
+    def fake_fit(cfg, address=None, verbose=False, quiet=False):
         seen["cfg"] = cfg
-        return {"stopped": None, "best_checkpoint": "s3://bucket/checkpoint"}
+        return types.SimpleNamespace(summary={"stopped": None, "best_checkpoint": "s3://bucket/checkpoint"})
 
+    monkeypatch.setitem(sys.modules, "distributed_resnet.api", types.SimpleNamespace(fit=fake_fit))
     monkeypatch.setitem(sys.modules, "distributed_resnet.run", types.SimpleNamespace(
-        run_training=fake_run_training, Interrupted=type("Interrupted", (Exception,), {})))
+        Interrupted=type("Interrupted", (Exception,), {})))
     try:
         assert train.main(args) == 0
     except SystemExit as e:  # argparse rejected a flag: the comment documents a command that cannot run
@@ -227,8 +228,8 @@ def test_documented_training_command_fits_the_gpu_nodes(config, monkeypatch, whi
 
 
 def test_documented_sweep_fits_and_its_config_exists(config, monkeypatch):
-    tuner = pytest.importorskip("distributed_resnet.sweep.tuner")
-    from distributed_resnet.sweep.cli import main
+    tuner = pytest.importorskip("distributed_resnet.sweeps.tuner")
+    from distributed_resnet.sweeps.cli import main
     seen = {}
 
     def fake_run_sweep(spec, data_dir, storage_path, name, *args, **kwargs):
@@ -315,8 +316,8 @@ def test_lr_plateau_sweep_fills_one_gpu_node_exactly(config):
     (their Train workers' CPUs and GPU fractions fit its declared resources), and the trials' own processes
     (DRIVER_CPU each) are pinned to the head, which has the CPUs for them, so they take nothing from that node.
     (The autoscaler adds a node only for more concurrent trials, never for a trial's leftover half-GPU.)"""
-    from distributed_resnet.sweep.space import DRIVER_CPU, driver_resources
-    from distributed_resnet.sweep.spec import load_sweep, planned_trials
+    from distributed_resnet.sweeps.space import DRIVER_CPU, driver_resources
+    from distributed_resnet.sweeps.spec import load_sweep, planned_trials
 
     spec = load_sweep(str(REPO / "tune_configs" / "lr_plateau.yaml"))
     res = spec["resources"]

@@ -31,7 +31,7 @@ def test_the_fast_preset_resolves_to_its_documented_values_and_an_override_wins(
     assert (cfg.recipe, cfg.lr, cfg.epochs, cfg.schedule_epochs, cfg.shift, cfg.optimizer) == \
         ("fast", 0.2, 40, 40, "bilinear", "sgd")
     assert TrainConfig(recipe="fast", label_smoothing=0.0).label_smoothing == 0.0
-    assert config_from_args(p.parse_args([])) == TrainConfig()  # no flag: the Keras recipe, unchanged
+    assert config_from_args(p.parse_args(["--data-dir", "x"])) == TrainConfig(data_dir="x")  # no flag: the Keras recipe
     assert "fast: 0.15" in p.format_help()  # --help shows what each recipe sets
 
 
@@ -111,11 +111,22 @@ def test_evaluate_reports_flip_tta_beside_the_plain_number(tmp_path, mini_dir):
 
 
 def test_the_fast_sweep_runs_every_trial_at_full_length():
-    from distributed_resnet.sweep.space import default_point
-    from distributed_resnet.sweep.spec import load_sweep, planned_trials, scheduler_spec, trial_config
+    from distributed_resnet.sweeps.space import default_point
+    from distributed_resnet.sweeps.spec import load_sweep, planned_trials, scheduler_spec, trial_config
 
     spec = load_sweep("tune_configs/fast_sweep.yaml")
     base = TrainConfig.from_dict(trial_config(spec, {}))
     assert base.recipe == "fast" and base.epochs == base.schedule_epochs <= 30 and base.max_train_samples is None
     assert scheduler_spec(spec)["type"] == "none" and planned_trials(spec) >= 6
     assert default_point(spec) == {k: getattr(TrainConfig(recipe="fast"), k) for k in spec["search"]}
+
+
+def test_the_benchmark_times_the_fast_recipe(mini_dir):
+    """`bench --recipe fast`: the hand-written loop and the project's step, with the recipe's optimizer and shifts."""
+    from distributed_resnet.bench import bench_plain, bench_step
+    from distributed_resnet.data import load_cifar10
+
+    data = load_cifar10(mini_dir)
+    cfg = TrainConfig(recipe="fast").validate()
+    args = (data.train.images[:256], data.train.labels[:256], 64, torch.device("cpu"), 2, 1)
+    assert bench_plain(*args, False, cfg) > 0 and bench_step(*args, True, cfg) > 0

@@ -54,7 +54,7 @@ def printed_epochs(stdout: str) -> list[int]:
 
 
 def test_killed_worker_restarts_from_latest_checkpoint(tmp_path, mini_dir):
-    proc = start_train(tmp_path, mini_dir, "w", 8)
+    proc = start_train(tmp_path, mini_dir, "w", 6)
     before = read_until_epoch(proc, 2, settle=0)  # kill it well before the last epoch, also on a fast machine
     workers = train_workers(proc)
     assert len(workers) == 2
@@ -68,37 +68,37 @@ def test_killed_worker_restarts_from_latest_checkpoint(tmp_path, mini_dir):
     # Restored from the newest checkpoint on disk, even one Ray had not registered yet: no epoch runs twice, only
     # the one in progress is lost, and the one missing line can be that of the epoch restored from (its
     # checkpoint written, its line not yet printed, when the worker died).
-    assert restart >= 2 and epochs == sorted(set(epochs)) and set(range(1, 9)) - set(epochs) <= {restart}, epochs
-    assert [h["epoch"] for h in results["history"]] == list(range(1, 9))
-    # The restored run continued with the same optimizer state: Adam's step count covers all 8 epochs.
+    assert restart >= 2 and epochs == sorted(set(epochs)) and set(range(1, 7)) - set(epochs) <= {restart}, epochs
+    assert [h["epoch"] for h in results["history"]] == list(range(1, 7))
+    # The restored run continued with the same optimizer state: Adam's step count covers all 6 epochs.
     import torch
 
-    state = torch.load(tmp_path / "w" / "checkpoint_epoch_0008" / "checkpoint.pt", weights_only=False)
-    assert max(s["step"].item() for s in state["optimizer"]["state"].values()) == 8 * 2  # 2 steps/epoch
+    state = torch.load(tmp_path / "w" / "checkpoint_epoch_0006" / "checkpoint.pt", weights_only=False)
+    assert max(s["step"].item() for s in state["optimizer"]["state"].values()) == 6 * 2  # 2 steps/epoch
     assert state["restarts"] == results["restarts"]
 
 
 def test_killed_driver_resumes_with_resume(tmp_path, mini_dir):
-    proc = start_train(tmp_path, mini_dir, "d", 8)
+    proc = start_train(tmp_path, mini_dir, "d", 5)
     read_until_epoch(proc, 2, settle=0)
     kill_with_everything_it_started(proc)
     on_disk = ckpt.latest_in(tmp_path / "d")
     last = ckpt.read_meta(on_disk)["epoch"]  # written before its line was printed, maybe not registered by Ray
-    assert 2 <= last < 8
-    refused = run_cli("train", "--num-workers", "2", "--epochs", "8", "--data-dir", mini_dir,
+    assert 2 <= last < 5
+    refused = run_cli("train", "--num-workers", "2", "--epochs", "5", "--data-dir", mini_dir,
                       "--storage-path", str(tmp_path), "--name", "d", *SMALL)
     assert refused.returncode == 2 and "already exists" in refused.stderr
-    resumed = run_cli("train", "--num-workers", "2", "--epochs", "8", "--data-dir", mini_dir,
+    resumed = run_cli("train", "--num-workers", "2", "--epochs", "5", "--data-dir", mini_dir,
                       "--storage-path", str(tmp_path), "--name", "d", "--resume", *SMALL)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     results = json.loads((tmp_path / "d" / "results.json").read_text())
     assert results["restarts"] == [last]  # the newest complete checkpoint on disk
-    assert [h["epoch"] for h in results["history"]] == list(range(1, 9))
-    assert printed_epochs(resumed.stdout) == list(range(last + 1, 9))  # only the epochs left
+    assert [h["epoch"] for h in results["history"]] == list(range(1, 6))
+    assert printed_epochs(resumed.stdout) == list(range(last + 1, 6))  # only the epochs left
 
 
 def test_ctrl_c_says_where_it_stopped_and_resume_continues_from_the_newest_checkpoint(tmp_path, mini_dir):
-    proc = start_train(tmp_path, mini_dir, "c", 8)
+    proc = start_train(tmp_path, mini_dir, "c", 5)
     before = read_until_epoch(proc, 2)
     os.kill(proc.pid, signal.SIGINT)  # Ctrl-C, as a user would
     out = before + proc.communicate(timeout=120)[0]
@@ -107,7 +107,7 @@ def test_ctrl_c_says_where_it_stopped_and_resume_continues_from_the_newest_check
     printed = printed_epochs(out)[-1]
     # The message names the newest saved checkpoint: the last printed epoch, or the next one when Ctrl-C came
     # between that epoch's checkpoint and its line.
-    assert len(said) == 1 and 2 <= printed < 8, out
+    assert len(said) == 1 and 2 <= printed < 5, out
     last = int(said[0].split("after epoch ")[1].split(";")[0])
     assert last in (printed, printed + 1), out
     command = said[0].split("continue with: ")[1]
@@ -115,9 +115,9 @@ def test_ctrl_c_says_where_it_stopped_and_resume_continues_from_the_newest_check
     resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=REPO, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert printed_epochs(resumed.stdout) == list(range(last + 1, 9))  # continued after the last epoch, none re-run
+    assert printed_epochs(resumed.stdout) == list(range(last + 1, 6))  # continued after the last epoch, none re-run
     results = json.loads((tmp_path / "c" / "results.json").read_text())
-    assert results["restarts"] == [last] and [h["epoch"] for h in results["history"]] == list(range(1, 9))
+    assert results["restarts"] == [last] and [h["epoch"] for h in results["history"]] == list(range(1, 6))
 
 
 def test_nan_loss_stops_cleanly_and_keeps_best_checkpoint(tmp_path, mini_dir):

@@ -14,9 +14,9 @@ import yaml
 
 from conftest import REPO, kill_with_everything_it_started, run_cli
 from distributed_resnet.config import UserError
-from distributed_resnet.sweep.space import default_notes, default_point, driver_resources, search_space
-from distributed_resnet.sweep.spec import load_sweep, planned_trials, scheduler_spec, trial_config
-from distributed_resnet.sweep.summary import vs_default_text
+from distributed_resnet.sweeps.space import default_notes, default_point, driver_resources, search_space
+from distributed_resnet.sweeps.spec import load_sweep, planned_trials, scheduler_spec, trial_config
+from distributed_resnet.sweeps.summary import vs_default_text
 
 SMOKE = REPO / "tune_configs" / "smoke.yaml"
 
@@ -75,8 +75,8 @@ def test_default_point_and_notes():
 
 
 def test_default_trial_marking_and_vs_default_text():
-    from distributed_resnet.sweep.progress import creation_index, default_trial_id
-    from distributed_resnet.sweep.space import clip_to_ranges
+    from distributed_resnet.sweeps.progress import creation_index, default_trial_id
+    from distributed_resnet.sweeps.space import clip_to_ranges
 
     tags = ("0", "1_lr=0.0010,lr_policy=keras", "3_lr=0.002@perturbed[lr=0.0016]")
     assert [creation_index(t) for t in tags] == [0, 1, 3]
@@ -107,7 +107,7 @@ def test_default_trial_marking_and_vs_default_text():
 def test_asha_lets_a_trial_end_by_itself_at_its_last_epoch():
     from ray.tune.schedulers import TrialScheduler
 
-    from distributed_resnet.sweep.space import FinalEpochASHA
+    from distributed_resnet.sweeps.space import FinalEpochASHA
 
     asha = FinalEpochASHA(3, time_attr="epoch", metric="val_accuracy", mode="max", max_t=3, grace_period=1)
     good, bad = _FakeTrial("x_00000", {"lr": 1e-3}, 0, 0), _FakeTrial("x_00001", {"lr": 1e-3}, 0, 0)
@@ -135,7 +135,7 @@ class _FakeTrial:
 
 
 def test_progress_lines_tell_finished_from_stopped_and_error(capsys):
-    from distributed_resnet.sweep.progress import ProgressLines
+    from distributed_resnet.sweeps.progress import ProgressLines
 
     point = {"lr": 1e-3, "lr_policy": "keras"}
     cb = ProgressLines("val_accuracy", "max", 4, point, 3, "asha")

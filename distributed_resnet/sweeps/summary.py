@@ -45,7 +45,8 @@ def summarize_sweep(grid, spec, metric, mode, base: TrainConfig, exp_path: str, 
             row.update({"epochs": int(df["epoch"].max()), metric: float(best[metric]), "best_epoch": int(best["epoch"]),
                         "checkpoint": as_uri(_checkpoint_of(df, best, metric, sign), exp_path)})
         if not result.error and row["epochs"] < base.epochs:
-            row["status"] = "stopped"  # by ASHA: a diverged trial raises, so it is an error
+            # Stopped by ASHA (a diverged trial raises, so it is an error); otherwise the sweep was interrupted.
+            row["status"] = "stopped" if scheduler_spec(spec)["type"] == "asha" else "unfinished"
         row["created"] = creation_index(Path(result.path).name.split(f"{row['trial_id']}_", 1)[-1])
         trials.append(row)
     default_id = default_trial_id([(t["trial_id"], t["created"], t["config"]) for t in trials], point, pbt)
