@@ -99,6 +99,7 @@ def test_an_elastic_run_survives_a_preempted_node_and_computes_the_one_worker_ru
     assert note, out[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     workers = [h["workers"] for h in results["history"]]
+    # 2 workers of 1 CPU on two 1-CPU nodes: one on each node, then one on the node that stayed.
     assert workers[0] == 2 and workers[-1] == 1 and len(workers) == 4, workers
     if note.group(2):  # restored from the preemption checkpoint: that epoch went on from its step
         assert results["history"][int(note.group(1)) - 1]["resumed_at_step"] == int(note.group(2))

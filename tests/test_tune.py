@@ -1,5 +1,6 @@
-"""The Tune sweep: YAML checks, the default-recipe trial, progress lines, and three real sweeps on the mini set: random
-search with --resume after the driver is killed, Optuna TPE with ASHA, and PBT with an exploit that restores."""
+"""The Tune sweep: YAML checks, the default-recipe trial, progress lines, and two real sweeps on the mini set: random
+search with --resume after the driver is killed, and PBT with an exploit that restores (Optuna TPE with ASHA:
+test_api.py)."""
 
 import json
 import os
@@ -249,6 +250,8 @@ def test_sweep_resumes_after_driver_killed_and_picks_best_by_val(tmp_path, mini_
     trials = json.loads((tmp_path / "s" / "trials.json").read_text())
     assert len(trials) == 2 and all(t["status"] in ("done", "stopped") and t["epochs"] >= 1 for t in trials)  # ASHA
     # The default recipe was one of the two trials, marked in trials.json and in the table, and compared.
+    assert "2 trials (random search, asha scheduler; the first runs the default recipe)" in first_out
+    assert "Trial status" not in first_out + proc.stdout  # Tune's own tables stay off
     assert "note: search.plateau_patience: the default 5 lies outside randint [1, 3]" in first_out
     default = [t for t in trials if t["default"]]
     assert len(default) == 1 and default[0]["config"] == {"lr": 1e-3, "lr_policy": "keras", "plateau_patience": 5}
@@ -276,32 +279,6 @@ def test_sweep_resumes_after_driver_killed_and_picks_best_by_val(tmp_path, mini_
 
 def progress_lines(out: str, total: int) -> list[str]:
     return [line for line in out.splitlines() if re.match(rf"\[\d+/{total}\] trial ", line)]
-
-
-def test_optuna_sweep_with_asha_starts_from_the_default(tmp_path, mini_dir):
-    config = write_sweep(tmp_path, mini_dir, num_samples=2, max_concurrent_trials=2,
-                         search_alg={"type": "optuna", "seed": 1, "n_startup_trials": 1})
-    spec = yaml.safe_load(config.read_text())
-    spec["fixed"]["epochs"] = 1  # ASHA is on, with nothing to stop: a stopped trial would only cost time here
-    config.write_text(yaml.safe_dump(spec))
-    proc = run_cli("tune", "--config", str(config), "--storage-path", str(tmp_path), "--name", "o")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "2 trials (optuna search, asha scheduler; the first runs the default recipe)" in proc.stdout
-    assert "Trial status" not in proc.stdout  # Tune's own tables stay off
-    lines = progress_lines(proc.stdout, 2)
-    assert len(lines) == 2 and sum(" (default) " in line for line in lines) == 1, lines
-    assert all(re.search(r" finished: 1/1 epochs, best val_accuracy \d", line) for line in lines), lines
-    trials = json.loads((tmp_path / "o" / "trials.json").read_text())
-    default = [t for t in trials if t["default"]]
-    assert len(trials) == 2 and len(default) == 1
-    # plateau_patience 5 lies outside randint [1, 3]: Optuna still runs it (numeric values may be enqueued outside)
-    assert default[0]["config"] == {"lr": 1e-3, "lr_policy": "keras", "plateau_patience": 5}
-    assert list((tmp_path / "o").glob(f"run_trial_{default[0]['trial_id']}_1_*"))  # the first trial Optuna created
-    for t in trials:
-        if not t["default"]:
-            assert 1e-4 <= t["config"]["lr"] <= 1e-2 and 1 <= t["config"]["plateau_patience"] <= 3
-    best = json.loads((tmp_path / "o" / "best.json").read_text())
-    assert best["default_trial_id"] == default[0]["trial_id"] and "vs default: " in proc.stdout
 
 
 def test_pbt_exploits_and_the_copy_restores_with_the_mutated_lr(tmp_path, mini_dir):
