@@ -54,8 +54,12 @@ def test_fit_returns_ray_trains_result(ray_here, tmp_path, mini_dir):
     assert results["parameters"] == 273_066 and results["restarts"] == [] and len(results["worker_nodes"]) == 2
     assert results["config"]["recipe"] == "fast" and results["config"]["lr_policy"] == "onecycle"
     assert results["config"]["lr"] == 0.02 and results["config"]["optimizer"] == "sgd"  # the override wins
+    assert results["config"]["batch_size"] == 128
     history = results["history"]
     assert history[1]["train_loss"] < history[0]["train_loss"]  # it learns
+    best_row = max(history, key=lambda h: (h["val_accuracy"], h["epoch"]))  # ties: the later epoch, as Ray keeps it
+    assert results["best_epoch"] == best_row["epoch"] and results["test_accuracy"] == best_row["test_accuracy"]
+    assert results["best_checkpoint"].startswith(str(run))
     assert results["final_test_accuracy"] == history[-1]["test_accuracy"]
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from tensorboard_reader import scalars
