@@ -53,7 +53,6 @@ class ProgressPrinter:
             for key, tag in TENSORBOARD_TAGS.items():
                 if m.get(key) is not None:
                     self.tensorboard.add_scalar(tag, m[key], m["epoch"])
-            self.tensorboard.flush()
         eta = np.mean(self.seconds[-10:]) * (self.epochs - m["epoch"])
         cut = " (plateau cut)" if m.get("lr_cut") else ""
         print(f"{self.label}epoch {m['epoch']:>{len(str(self.epochs))}}/{self.epochs}  lr {m['lr']:.2e}  "
@@ -61,6 +60,13 @@ class ProgressPrinter:
               f"val {100 * m['val_accuracy']:5.2f}%  {_test(m)}"
               f"{m['images_per_second']:,.0f} img/s  {m['epoch_seconds']:.1f}s  ETA {fmt_duration(eta)}{cut}",
               file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Write out the TensorBoard events still queued: tensorboardX writes them from a thread of its own, every
+        `flush_secs`, and its `flush()` does not wait for that queue, so without this the last epoch could be lost."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
 
 def _test(m: dict) -> str:

@@ -213,7 +213,6 @@ def _workers_that_fit(nodes: list[dict], need: dict) -> int:
 
 def build_trainer(cfg: TrainConfig, root: str, loop_config: dict, callbacks=None):
     """The project's TorchTrainer: one place for scaling, failure and checkpoint policy."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -251,8 +250,6 @@ def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = F
 
 def train(cfg: TrainConfig, address: str | None = None, verbose: bool = False, quiet: bool = False):
     """(Ray Train's Result, the project's results dict) of one run: checks, data, the TorchTrainer, outputs."""
-    import ray
-
     cfg, root, run_path, init_state = prepare_run(cfg)
     quiet_ray_logs(verbose)
     t0 = time.time()
@@ -276,7 +273,25 @@ def train(cfg: TrainConfig, address: str | None = None, verbose: bool = False, q
               f"{'test (as val)' if data.val_is_test else 'val'} / {len(data.test):,} test images from {data.source}, "
               f"{workers_text(cfg)}, batch {cfg.global_batch_size}, "
               f"folder {run_path}\n{cfg.recipe_text()}", flush=True)
-    if local:
+    try:
+        result = _fit(cfg, root, run_path, data, init_state, printer)
+    finally:
+        printer.close()
+    results = summarize(cfg, result, run_path, time.time() - t0, data.val_is_test)
+    write_outputs(run_path, results)
+    if not quiet:
+        for line in summary_lines(results):
+            print(line, flush=True)
+        print(f"results: {run_path}/results.json, curves: {run_path}/curves.png", flush=True)
+    return result, results
+
+
+def _fit(cfg: TrainConfig, root: str, run_path: str, data: Cifar10, init_state, printer):
+    """Ray Train's `fit()`: in this process (--num-workers 0), else on Ray's workers with the progress lines coming
+    back through a queue; a Ctrl-C becomes `Interrupted`, naming the newest checkpoint."""
+    import ray
+
+    if cfg.num_workers == 0:
         os.makedirs(run_path, exist_ok=True)
         loop_config = {"config": cfg.to_dict(), "data": data_refs(data, lambda a: a), "val_is_test": data.val_is_test,
                        "local_run_dir": run_path, "progress": printer, "init_state": init_state}
@@ -305,13 +320,7 @@ def train(cfg: TrainConfig, address: str | None = None, verbose: bool = False, q
         except ray.train.TrainingFailedError as e:
             raise RuntimeError(f"training failed after {cfg.max_failures} restart(s): {e}\n"
                                f"the checkpoints so far are in {run_path}: continue with --resume") from e
-    results = summarize(cfg, result, run_path, time.time() - t0, data.val_is_test)
-    write_outputs(run_path, results)
-    if not quiet:
-        for line in summary_lines(results):
-            print(line, flush=True)
-        print(f"results: {run_path}/results.json, curves: {run_path}/curves.png", flush=True)
-    return result, results
+    return result
 
 
 def stop_local_ray(timeout: float = 30) -> None:
