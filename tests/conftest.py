@@ -1,4 +1,5 @@
-"""Shared fixtures: the real CIFAR-10 (from $CIFAR10_DIR, else ../shared/cifar10), a private decode cache, Ray."""
+"""Shared fixtures and helpers: the real CIFAR-10 (from $CIFAR10_DIR, else ../shared/cifar10), a private decode
+cache, running the command-line tools, killing a driver with everything it started."""
 
 from __future__ import annotations
 
@@ -31,18 +32,6 @@ def cifar_root() -> Path:
 @pytest.fixture(scope="session")
 def mini_dir(cifar_root) -> str:
     return str(cifar_root / "mini")
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster (2 CPUs, as this machine) for the in-process Ray tests."""
-    import ray
-
-    from distributed_resnet.run import init_ray
-
-    init_ray()
-    yield ray
-    ray.shutdown()
 
 
 def run_cli(module: str, *args: str, env: dict | None = None, timeout: float = 600, cwd=None):
