@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .augment import draw_flip_shift, shift_images, to_float
 from .batchnorm import use_global_statistics
-from .config import TrainConfig, UserError
+from .config import TrainConfig
 from .device import exact_fp32, local_device, param_dtype, use_bf16
 from .model import NUM_CLASSES, ResNet, count_parameters
 from .optim import build_optimizer, training_loss
 from .schedule import lr_policy
-from .sharding import epoch_order, smallest_step, step_seed, step_slice, steps_per_epoch
+from .sharding import check_last_step_fits, epoch_order, step_seed, step_slice, steps_per_epoch
 
 
 # No buffer sync on every forward (global BatchNorm keeps them equal; per-worker BatchNorm broadcasts rank 0's once
@@ -93,9 +93,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if world > 1 else model
 
     keeper = ckpt.LocalKeeper(loop_config["local_run_dir"], cfg.num_to_keep) if local_mode else None
-    if smallest_step(n_train, cfg.global_batch_size) < world:
-        raise UserError(f"{world} workers, but the last batch of an epoch has only "
-                        f"{smallest_step(n_train, cfg.global_batch_size)} images: use fewer workers")
+    check_last_step_fits(n_train, cfg.global_batch_size, world)
     stopped = None
     _state = functools.partial(_checkpoint_state, cfg, model, optimizer, policy, history, restarts, world)
     if history and start_epoch >= cfg.epochs:

@@ -21,7 +21,7 @@ from .config import TrainConfig, UserError
 from .data import Cifar10, load_cifar10
 from .loop import train_loop_per_worker
 from .report import ProgressPrinter, QueueDrain, curves_png, summary_lines
-from .sharding import smallest_step
+from .sharding import check_last_step_fits
 
 
 def default_name(cfg: TrainConfig) -> str:
@@ -255,10 +255,7 @@ def train(cfg: TrainConfig, address: str | None = None, verbose: bool = False, q
     t0 = time.time()
     data = load_data(cfg)
     local = cfg.num_workers == 0
-    last = smallest_step(len(data.train), cfg.global_batch_size)
-    if last < max(1, cfg.num_workers):
-        raise UserError(f"the last batch of an epoch has {last} image(s), fewer than --num-workers {cfg.num_workers}: "
-                        f"every worker needs one; use fewer workers or another --batch-size or --max-train-samples")
+    check_last_step_fits(len(data.train), cfg.global_batch_size, cfg.num_workers)
     if local and storage.is_remote(run_path):
         raise UserError("--num-workers 0 writes its checkpoints straight into a local folder: use a local "
                         "--storage-path, or --num-workers 1 or more for remote storage")

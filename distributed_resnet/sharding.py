@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from .config import UserError
+
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The epoch's permutation of the n training images (the same on every worker)."""
@@ -41,6 +43,15 @@ def step_slice(n: int, batch: int, step: int, world: int, rank: int) -> tuple[in
 def smallest_step(n: int, batch: int) -> int:
     """Images in an epoch's smallest step (its last one): every worker must get at least one."""
     return n - (steps_per_epoch(n, batch) - 1) * batch
+
+
+def check_last_step_fits(n: int, batch: int, workers: int) -> None:
+    """Every worker needs an image of every step, the last (smallest) one too: a one-line UserError otherwise.
+    Checked on the driver before Ray starts, and in the loop, which Tune trials reach without that driver."""
+    last = smallest_step(n, batch)
+    if last < max(1, workers):
+        raise UserError(f"the last batch of an epoch has {last} image(s), fewer than --num-workers {workers}: every "
+                        f"worker needs one; use fewer workers or another --batch-size or --max-train-samples")
 
 
 def step_seed(seed: int, epoch: int, step: int) -> int:

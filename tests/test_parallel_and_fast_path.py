@@ -5,15 +5,16 @@ import math
 import warnings
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from distributed_resnet.augment import to_float
 from distributed_resnet.loop import Augment, EpochPlan, images_to_tensor, train_epoch
-from distributed_resnet.sharding import epoch_order, split, step_slice, steps_per_epoch
-from distributed_resnet.model import NUM_CLASSES, ResNet, param_groups
+from distributed_resnet.config import UserError
+from distributed_resnet.sharding import check_last_step_fits, epoch_order, split, step_slice, steps_per_epoch
+from distributed_resnet.model import ResNet, param_groups
 
 B, N, SEED = 32, 100, 7
 
@@ -104,6 +105,9 @@ def test_steps_cover_the_epoch_once_and_split_as_evenly_as_it_goes():
         assert taken == list(range(n))  # every image once, in the epoch's order, whatever the worker count
     a, b = epoch_order(1000, 0, 1), epoch_order(1000, 0, 2)
     assert not np.array_equal(a, b) and np.array_equal(a, epoch_order(1000, 0, 1))  # a new seeded order per epoch
+    check_last_step_fits(45000, 128, 72)  # 45,000 = 351 x 128 + 72: up to 72 workers get an image of the last step
+    with pytest.raises(UserError, match="the last batch of an epoch has 72 image"):
+        check_last_step_fits(45000, 128, 73)
 
 
 def _run_steps(fast: bool, steps: int = 4):
