@@ -176,7 +176,8 @@ def test_a_run_on_s3_through_the_cluster(head, s3, tmp_path, mini_dir):
     """A driver joining the cluster with --address and writing to S3. Its --init-weights is a path only the driver
     can read (relative to the driver's folder; Ray's workers run elsewhere): the weights travel through the object
     store. Then the same name without --resume, and resumes of another architecture or recipe, are refused on the
-    driver, in one line, before any worker starts."""
+    driver, in one line, before any worker starts; so are more workers than the cluster holds (Ray Train would
+    wait for them forever), without leaving a run folder behind."""
     shutil.copytree(PUBLISHED, tmp_path / "weights", ignore=shutil.ignore_patterns("*.png"))
     args = ["--address", head.gcs, "--num-workers", "1", "--epochs", "1", "--data-dir", mini_dir,
             "--max-train-samples", "128", "--val-size", "100", "--storage-path", f"{s3}/runs", "--name", "r1"]
@@ -191,3 +192,10 @@ def test_a_run_on_s3_through_the_cluster(head, s3, tmp_path, mini_dir):
     _one_line(run_cli("train", *resume, "--depth", "32", env=head.env, cwd=tmp_path),
               "is ResNet-20 v1, but this run is ResNet-32 v1")
     _one_line(run_cli("train", *resume, "--lr", "0.002", env=head.env, cwd=tmp_path), "--lr 0.001 (not 0.002)")
+
+    big = [*args[:2], "--num-workers", "8", *args[4:-1], "big"]
+    _one_line(run_cli("train", *big, env=head.env, cwd=tmp_path), "8 worker(s) x 1 CPU do not fit on this Ray cluster "
+              "(2 CPU and 0 GPU)", "--num-workers")
+    from distributed_resnet import storage
+
+    assert storage.has_files(f"{s3}/runs/r1") and not storage.has_files(f"{s3}/runs/big")
