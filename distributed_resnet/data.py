@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,13 +245,16 @@ def _cache_key(files: list[str]) -> str:
 
 
 def _write_cache(folder: Path, train: Split, test: Split) -> None:
-    """Best effort: a read-only home only costs the next start its decode time."""
+    """Best effort: a read-only home only costs the next start its decode time. Runs started together race to
+    write the same cache; the first rename wins and the others drop their copy."""
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     try:
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
         for name, split in (("train", train), ("test", test)):
             np.save(tmp / f"{name}_images.npy", split.images)
             np.save(tmp / f"{name}_labels.npy", split.labels)
         os.replace(tmp, folder)
     except OSError as e:
-        warnings.warn(f"could not cache decoded CIFAR-10 in {folder}: {e}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not folder.is_dir():
+            warnings.warn(f"could not cache decoded CIFAR-10 in {folder}: {e}")

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distributed_resnet.config import UserError
-from distributed_resnet.data import find_source, load_arrays, load_cifar10, stratified_split
+from distributed_resnet.data import _write_cache, find_source, load_arrays, load_cifar10, stratified_split
 
 
 def write_pickles(folder, n_train=50, n_test=20, seed=0, labels_max=9, protocol=pickle.DEFAULT_PROTOCOL):
@@ -45,6 +45,19 @@ def test_second_load_is_cached_and_fast(mini_dir, private_cache):
     assert time.perf_counter() - t0 < 2.0
     assert isinstance(train.images, np.memmap)  # read from the cache, not decoded again
     assert any(private_cache.iterdir())
+
+
+def test_a_cache_another_run_wrote_first_is_kept_quietly(mini_dir, tmp_path):
+    """Two runs started together race to cache the same decode: the second keeps the first's and leaves no
+    half-written copy behind (it used to warn and leak a .tmp folder of the whole data set)."""
+    train, test, _ = load_arrays(mini_dir)
+    folder = tmp_path / "cache_key"
+    _write_cache(folder, train, test)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _write_cache(folder, train, test)
+    assert [p.name for p in tmp_path.iterdir()] == ["cache_key"]
+    assert np.array_equal(np.load(folder / "train_labels.npy"), train.labels)
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])  # 2: as the original batches (Python 2's cPickle); 5: numpy's buffers
