@@ -47,6 +47,14 @@ def draw_flip_shift(n: int, h: int, w: int, shift: str, device, generator: torch
     return dy, dx, flip
 
 
+def alternating_flips(n: int, seed: int, device) -> torch.Tensor:
+    """Bool (n,): whether each of n training images is mirrored in epoch 1. `--flip alternate` mirrors image i in
+    epoch e (from 1) iff this xor (e even): every image is seen both ways in every two epochs, where a coin per epoch
+    shows a quarter of them the same way twice running (airbench's alternating flip, Jordan 2024)."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, generator=generator) < 0.5).to(device)
+
+
 def shift_images(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """Output pixel (i, j) samples the input at (i - dy, j - dx), edge-clamped, then the row is mirrored where
     `flip`. dy, dx: (N, 1), integer (exact gathers) or float (bilinear); flip: bool (N, 1)."""

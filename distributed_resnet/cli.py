@@ -86,6 +86,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"bilinear: Keras' continuous shift; pixel: whole pixels, no interpolation ({_preset('shift')})")
     g.add_argument("--max-shift", type=float, default=None, metavar="FRACTION",
                    help=f"the largest shift per axis as a fraction of the side, 0.125 = 4 px ({_preset('max_shift', '{:g}')})")
+    g.add_argument("--flip", choices=("random", "alternate"), default=None,
+                   help=f"random: mirror each image with probability 1/2 every epoch; alternate: a coin per image in the "
+                        f"first epoch, then mirrored every other epoch ({_preset('flip')})")
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int, default=d.depth, help="6n+2 for v1, 9n+2 for v2 (default %(default)s)")

@@ -67,6 +67,8 @@ class TrainConfig:
     augment: bool = True  # random flip + shift, edge (nearest) fill: Keras' ImageDataGenerator
     shift: str | None = None  # "bilinear": Keras' continuous shift; "pixel": whole pixels, no blur
     max_shift: float | None = None  # the largest shift per axis, a fraction of the side (0.1 of 32 px: 3.2 px)
+    flip: str | None = None  # "random": each image mirrored with probability 1/2 every epoch (Keras');
+    #                          "alternate": a coin per image in epoch 1, then mirrored every other epoch (airbench)
     seed: int = 0  # initial weights, val split, data order and augmentation all follow from it
     init_weights: str | None = None  # start from these weights (a checkpoint, results/..., a converted Keras model)
 
@@ -124,6 +126,7 @@ class TrainConfig:
             raise UserError(f"{self.num_workers} workers on {self.gpus_per_worker} GPU each would share one GPU, which "
                             f"NCCL refuses; give each worker a whole GPU or use 1 worker per trial")
         for key, allowed in (("padding", ("same", "symmetric")), ("shift", ("bilinear", "pixel")),
+                             ("flip", ("random", "alternate")),
                              ("batchnorm", ("global", "local")), ("optimizer", ("adam", "sgd")),
                              ("weight_decay_on", ("conv", "weights")), ("anneal", ("linear", "cosine")),
                              ("lr_policy", ("keras", "compose", "onecycle")),
@@ -176,9 +179,10 @@ class TrainConfig:
                                         f"(factor {self.plateau_factor:.3g}, patience {self.plateau_patience})")
         optimizer = (f"SGD (momentum {self.momentum:g}{', Nesterov' if self.nesterov else ''})"
                      if self.optimizer == "sgd" else f"Adam (eps {self.adam_eps:g})")
-        shifts = f"{self.shift} shifts up to {self.max_shift:g} of the side" if self.augment else "no augmentation"
+        shifts = (f"{self.flip} flips + {self.shift} shifts up to {self.max_shift:g} of the side" if self.augment
+                  else "no augmentation")
         return (f"recipe {self.recipe}: {optimizer}, lr {self.lr:g}, {policy}; L2 {self.weight_decay:g} on "
-                f"{self.weight_decay_on}; label smoothing {self.label_smoothing:g}; flips + {shifts}; "
+                f"{self.weight_decay_on}; label smoothing {self.label_smoothing:g}; {shifts}; "
                 f"{self.padding} padding, BatchNorm momentum {self.bn_momentum:g}; {self.epochs} epochs")
 
     def to_dict(self) -> dict:
@@ -200,10 +204,10 @@ class TrainConfig:
 RECIPES = {
     "keras": {"padding": "same", "bn_momentum": 0.01, "epochs": 200, "schedule_epochs": 200, "optimizer": "adam",
               "lr": 1e-3, "weight_decay": 1e-4, "weight_decay_on": "conv", "label_smoothing": 0.0,
-              "lr_policy": "keras", "shift": "bilinear", "max_shift": 0.1},
+              "lr_policy": "keras", "shift": "bilinear", "max_shift": 0.1, "flip": "random"},
     "fast": {"padding": "symmetric", "bn_momentum": 0.1, "epochs": 30, "optimizer": "sgd", "lr": 0.15,
              "weight_decay": 2.5e-4, "weight_decay_on": "weights", "label_smoothing": 0.1, "lr_policy": "onecycle",
-             "shift": "pixel", "max_shift": 0.125},
+             "shift": "pixel", "max_shift": 0.125, "flip": "random"},
 }
 
 

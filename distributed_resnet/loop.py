@@ -23,14 +23,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .augment import draw_flip_shift, shift_images, to_float
+from .augment import alternating_flips, draw_flip_shift, shift_images, to_float
 from .batchnorm import use_global_statistics
 from .config import TrainConfig
 from .device import exact_fp32, local_device, param_dtype, use_bf16
 from .model import NUM_CLASSES, ResNet, count_parameters
 from .optim import build_optimizer, training_loss
 from .schedule import lr_policy
-from .sharding import check_last_step_fits, epoch_order, step_seed, step_slice, steps_per_epoch
+from .sharding import check_last_step_fits, epoch_order, flip_seed, step_seed, step_slice, steps_per_epoch
 
 
 # No buffer sync on every forward (global BatchNorm keeps them equal; per-worker BatchNorm broadcasts rank 0's once
@@ -100,6 +100,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         # Restored from the last epoch's checkpoint (written just before the run stopped): nothing is left to
         # train, so report that epoch again for Ray Train's result and Tune's trial (every rank reports).
         ray.train.report(history[-1])
+    first_flips = alternating_flips(n_train, flip_seed(cfg.seed), device) if cfg.flip == "alternate" else None
+    augment = Augment(cfg.shift, cfg.max_shift, first_flips) if cfg.augment else None
     for epoch in range(start_epoch, cfg.epochs):
         lr = policy.lr(epoch)
         t0 = time.perf_counter()
@@ -117,7 +119,6 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             _save_and_report(marks, _state(epoch, mid), rank, ckpt.dir_name(epoch, step), keeper)
 
         preempt = PreemptionWatch(on_notice, loop_config.get("preemption_check_steps", 0), local_mode)
-        augment = Augment(cfg.shift, cfg.max_shift) if cfg.augment else None
         train_sums = train_epoch(net, optimizer, splits["train"], plan, augment, fast, preempt,
                                  policy.lr if policy.per_step else None, cfg.label_smoothing)
         _synchronize(device)
@@ -221,10 +222,12 @@ def set_lr(optimizer, lr: float) -> None:
 
 
 class Augment(NamedTuple):
-    """Flips plus shifts of `shift` kind ("bilinear" or "pixel") of up to `max_shift` of the side."""
+    """Flips plus shifts of `shift` kind ("bilinear" or "pixel") of up to `max_shift` of the side. `first_flips`:
+    each training image's flip in the first epoch, alternating from there (`--flip alternate`); None: coin flips."""
 
     shift: str = "bilinear"
     max_shift: float = 0.1
+    first_flips: torch.Tensor | None = None
 
 
 class EpochPlan:
@@ -269,7 +272,10 @@ def train_epoch(net, optimizer, train, plan: EpochPlan, augment: Augment | None,
             gen.manual_seed(step_seed(plan.seed, plan.epoch, step))
             first = start - step * plan.batch  # this worker's rows of the step's draws
             dy, dx, flip = draw_flip_shift(step_size, h, w, augment.shift, device, gen, augment.max_shift)
-            x = shift_images(x, dy[first:first + size], dx[first:first + size], flip[first:first + size])
+            flip = flip[first:first + size]
+            if augment.first_flips is not None:  # a function of (image, epoch): independent of N too
+                flip = (augment.first_flips[idx] ^ bool(plan.epoch % 2)).unsqueeze(1)
+            x = shift_images(x, dy[first:first + size], dx[first:first + size], flip)
         if fast:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):

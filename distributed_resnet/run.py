@@ -106,7 +106,7 @@ MAY_CHANGE_ON_RESUME = {"precision", "use_gpu", "gpus_per_worker", "num_workers"
 
 
 # Settings that older checkpoints lack, at the value those runs trained with.
-RECIPE_BEFORE_ITS_KEY = {"batchnorm": "local"}
+RECIPE_BEFORE_ITS_KEY = {"batchnorm": "local", "flip": "random"}
 
 
 def check_same_recipe(saved: dict, cfg: TrainConfig, where: str) -> None:

@@ -57,3 +57,8 @@ def check_last_step_fits(n: int, batch: int, workers: int) -> None:
 def step_seed(seed: int, epoch: int, step: int) -> int:
     """Seed of a step's augmentation generator."""
     return int(np.random.SeedSequence([seed, epoch, step, 1]).generate_state(2, np.uint64)[0] >> 2)
+
+
+def flip_seed(seed: int) -> int:
+    """Seed of the per-image coins of alternating flips (`--flip alternate`)."""
+    return int(np.random.SeedSequence([seed, 2]).generate_state(2, np.uint64)[0] >> 2)
