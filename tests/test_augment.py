@@ -119,3 +119,45 @@ def test_bilinear_shifts_are_the_uniform_draws_scaled():
     x = torch.rand(64, 3, 32, 32)
     assert torch.equal(random_flip_shift(x, "bilinear", generator=torch.Generator().manual_seed(3)),
                        shift_images(x, dy, dx, flip))
+
+
+def test_alternate_flip_mirrors_each_image_in_every_other_epoch():
+    """`--flip alternate` through the training loop: with shifts of 0 px, each image of the epoch reaches the model
+    mirrored as `first_flips` says in epoch 1, and the other way in epoch 2 and the same way again in epoch 3."""
+    from distributed_resnet.augment import alternating_flips
+    from distributed_resnet.loop import Augment, EpochPlan, images_to_tensor, train_epoch
+
+    n = 40
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8)
+    train = images_to_tensor(images.numpy(), "cpu", False), torch.randint(0, 10, (n,))
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(1, 10)
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return self.head(x.mean((1, 2, 3)).unsqueeze(1))
+
+    net = Recorder()
+    first = alternating_flips(n, 3, "cpu")
+    assert 0 < int(first.sum()) < n and torch.equal(first, alternating_flips(n, 3, "cpu"))  # a coin per image, seeded
+    originals = to_float(train[0])
+    mirrored = {}
+    for epoch in range(3):
+        seen.clear()
+        plan = EpochPlan(n, 16, 1, 0, 5, epoch)
+        train_epoch(net, torch.optim.SGD(net.parameters(), lr=0.0), train, plan, Augment("pixel", 0.0, first), False)
+        batch = torch.cat(seen)
+        order = plan.order
+        for row, image in enumerate(order.tolist()):
+            if torch.equal(batch[row], originals[image].flip(2)):
+                mirrored[epoch, image] = True
+            else:
+                assert torch.equal(batch[row], originals[image])
+                mirrored[epoch, image] = False
+    for image in range(n):
+        assert mirrored[0, image] == bool(first[image])
+        assert mirrored[1, image] != mirrored[0, image] and mirrored[2, image] == mirrored[0, image]

@@ -26,6 +26,7 @@ def test_defaults_are_the_reference_recipe():
     ({"precision": "fp16"}, "--precision must be one of auto, bf16, fp32"),
     ({"padding": "valid"}, "--padding must be one of same, symmetric"),
     ({"shift": "cubic"}, "--shift must be one of bilinear, pixel"),
+    ({"flip": "sometimes"}, "--flip must be one of random, alternate"),
     ({"schedule_epochs": 0}, "--schedule-epochs must be a positive integer"),
     ({"lr": 1e-7}, "--plateau-min-lr 5e-07 must be below --lr 1e-07"),
 ])
@@ -61,3 +62,8 @@ def test_a_resume_keeps_the_recipe_of_a_checkpoint_older_than_its_setting():
         check_same_recipe(saved, TrainConfig(num_workers=2), "old")
     check_same_recipe(saved, TrainConfig(num_workers=2, batchnorm="local"), "old")
     check_same_recipe(saved, TrainConfig(num_workers=4, batchnorm="local", precision="fp32", epochs=300), "old")
+    # Checkpoints from before --flip drew a coin per image and epoch.
+    saved = {k: v for k, v in TrainConfig(recipe="fast").validate().to_dict().items() if k != "flip"}
+    check_same_recipe(saved, TrainConfig(recipe="fast", flip="random"), "old")
+    with pytest.raises(UserError, match=r"--flip random \(not alternate\)"):
+        check_same_recipe(saved, TrainConfig(recipe="fast", flip="alternate"), "old")

@@ -20,7 +20,8 @@ def test_the_fast_preset_resolves_to_its_documented_values_and_an_override_wins(
     assert (fast.lr_policy, fast.epochs, fast.schedule_epochs, fast.warmup_fraction, fast.warmup_start_factor,
             fast.anneal, fast.final_lr) == ("onecycle", 30, 30, 0.15, 0.1, "linear", 0.0)
     assert (fast.weight_decay, fast.weight_decay_on, fast.label_smoothing) == (2.5e-4, "weights", 0.1)
-    assert (fast.shift, fast.max_shift, fast.padding, fast.bn_momentum) == ("pixel", 0.125, "symmetric", 0.1)
+    assert (fast.shift, fast.max_shift, fast.flip, fast.padding, fast.bn_momentum) == \
+        ("pixel", 0.125, "random", "symmetric", 0.1)
     keras = TrainConfig().validate()
     assert {k: getattr(keras, k) for k in RECIPES["keras"]} == RECIPES["keras"]
     assert (keras.optimizer, keras.lr, keras.lr_policy, keras.epochs, keras.schedule_epochs) == ("adam", 1e-3, "keras", 200, 200)

@@ -27,21 +27,24 @@ def _data(n=N, seed=0):
 N_STEPS_DATA, STEP_BATCH = 100, 32  # steps of 32, 32, 32 and 4: uneven splits for 3 workers (11/11/10, 2/1/1)
 
 
-RUNS = [(1, "global"), (2, "global"), (3, "global"), (4, "global"), (2, "local")]  # (workers, BatchNorm)
+# (workers, BatchNorm, flips)
+RUNS = [(1, "global", "random"), (2, "global", "random"), (3, "global", "random"), (4, "global", "random"),
+        (2, "local", "random"), (1, "global", "alternate"), (3, "global", "alternate")]
 
 
 def _train_worker(rank, store_dir):
     """Every run of RUNS, one after another, in one group of 4 gloo processes: a run of `world` workers uses ranks
     0..world-1. Each run is the project's train_epoch, a step at a time for two epochs: the global loss of every
     step, then training-mode logits of a fixed batch (each worker its share) and the BatchNorm buffers."""
+    from distributed_resnet.augment import alternating_flips
     from distributed_resnet.batchnorm import use_global_statistics
     from distributed_resnet.loop import DDP_OPTIONS, EpochPlan
     from distributed_resnet.sharding import split
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=4)
-    groups = [dist.new_group(list(range(world))) for world, _ in RUNS]  # every rank creates every group
-    for (world, batchnorm), group in zip(RUNS, groups):
+    groups = [dist.new_group(list(range(world))) for world, _, _ in RUNS]  # every rank creates every group
+    for (world, batchnorm, flips), group in zip(RUNS, groups):
         if rank >= world:
             continue
         torch.manual_seed(0)
@@ -52,12 +55,13 @@ def _train_worker(rank, store_dir):
         opt = torch.optim.Adam(param_groups(model, 1e-4), lr=1e-3, eps=1e-7)
         images, labels = _data(N_STEPS_DATA)
         train = images_to_tensor(images, "cpu", False), torch.from_numpy(labels)
+        first_flips = alternating_flips(N_STEPS_DATA, SEED, "cpu") if flips == "alternate" else None
         losses = []
         for epoch in range(2):
             for step in range(math.ceil(N_STEPS_DATA / STEP_BATCH)):
                 plan = EpochPlan(N_STEPS_DATA, STEP_BATCH, world, rank, SEED, epoch, first_step=step,
                                  stop_step=step + 1)
-                sums, count = train_epoch(net, opt, train, plan, Augment("bilinear"), False)
+                sums, count = train_epoch(net, opt, train, plan, Augment("bilinear", 0.1, first_flips), False)
                 totals = torch.cat([sums, torch.tensor([float(count)], dtype=sums.dtype)])
                 dist.all_reduce(totals, group=group)
                 losses.append((totals[0] / totals[2]).item())
@@ -70,7 +74,7 @@ def _train_worker(rank, store_dir):
         bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
         if rank == 0:
             torch.save({"losses": losses, "logits": torch.cat(gathered), "running_var": bn.running_var.clone()},
-                       f"{store_dir}/{world}_{batchnorm}.pt")
+                       f"{store_dir}/{world}_{batchnorm}_{flips}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -78,17 +82,21 @@ def _train_worker(rank, store_dir):
 def test_any_number_of_workers_trains_the_one_worker_model(tmp_path):
     """Training mode, augmentation on, 8 steps (2 epochs) including uneven splits and a short last step:
     1, 2, 3 and 4 workers give the same global losses, training-mode logits and BatchNorm buffers, in fp64 to 1e-9
+    (with alternating flips too, on 1 and 3 workers; the second epoch shows their flips are not the coin flips)
     (in fp32 they agree to its own rounding: one fp32 worker is ~4e-4 off fp64 in the gradients, N workers no
     further). Per-worker BatchNorm statistics (DDP's default, `--batchnorm local`) do not: the control."""
     mp.spawn(_train_worker, args=(str(tmp_path),), nprocs=4, join=True)
-    runs = {run: torch.load(tmp_path / f"{run[0]}_{run[1]}.pt") for run in RUNS}
-    one = runs[1, "global"]
-    for world in (2, 3, 4):
-        other = runs[world, "global"]
-        np.testing.assert_allclose(other["losses"], one["losses"], rtol=1e-9)
-        torch.testing.assert_close(other["logits"], one["logits"], rtol=1e-8, atol=1e-8)
-        torch.testing.assert_close(other["running_var"], one["running_var"], rtol=1e-9, atol=1e-12)
-    local = runs[2, "local"]
+    runs = {run: torch.load(tmp_path / "{}_{}_{}.pt".format(*run)) for run in RUNS}
+    for flips, worlds in (("random", (2, 3, 4)), ("alternate", (3,))):
+        one = runs[1, "global", flips]
+        for world in worlds:
+            other = runs[world, "global", flips]
+            np.testing.assert_allclose(other["losses"], one["losses"], rtol=1e-9)
+            torch.testing.assert_close(other["logits"], one["logits"], rtol=1e-8, atol=1e-8)
+            torch.testing.assert_close(other["running_var"], one["running_var"], rtol=1e-9, atol=1e-12)
+    one = runs[1, "global", "random"]
+    assert np.abs(np.array(runs[1, "global", "alternate"]["losses"][4:]) / np.array(one["losses"][4:]) - 1).max() > 1e-6
+    local = runs[2, "local", "random"]
     gap = np.abs(np.array(local["losses"]) / np.array(one["losses"]) - 1).max()
     assert gap > 1e-3, gap  # per-worker statistics: another model, by far more than the tolerance above
 
