@@ -26,3 +26,12 @@ def test_shipped_weights_score_the_reported_test_accuracy(published, cifar_root)
 
 def test_resnet20v1_is_published():
     assert REPO / "results" / "resnet20v1" in PUBLISHED
+
+
+def test_the_fast_recipe_is_published_at_the_references_accuracy_in_30_epochs():
+    """The claim the test above re-checks: a `--recipe fast` run of at most 30 epochs at >= 90.65% test."""
+    fast = REPO / "results" / "resnet20v1_fast"
+    assert fast in PUBLISHED
+    claimed = json.loads((fast / "results.json").read_text())
+    assert claimed["config"]["recipe"] == "fast" and claimed["epochs"] <= 30
+    assert claimed["test_accuracy"] >= 0.9065
