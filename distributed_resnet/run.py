@@ -55,9 +55,14 @@ def init_ray(address: str | None = None, verbose: bool = False, extra_cpus: floa
         return
     quiet_ray_logs(verbose)
     num_cpus = None if not extra_cpus or joins_a_cluster(address) else os.cpu_count() + extra_cpus
-    ray.init(address=address, num_cpus=num_cpus, log_to_driver=verbose,
-             logging_level=logging.INFO if verbose else logging.ERROR,
-             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}} if not verbose else None)
+    try:
+        ray.init(address=address, num_cpus=num_cpus, log_to_driver=verbose,
+                 logging_level=logging.INFO if verbose else logging.ERROR,
+                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}} if not verbose else None)
+    except ConnectionError as e:  # a cluster named by --address or RAY_ADDRESS that does not answer, or refuses us
+        raise UserError(f"{str(e).splitlines()[0]}: check --address (or RAY_ADDRESS) and that `ray start --head` "
+                        "runs there; a cluster with token authentication also needs `export RAY_AUTH_MODE=token`"
+                        ) from None
 
 
 def joins_a_cluster(address: str | None) -> bool:
