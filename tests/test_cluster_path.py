@@ -122,7 +122,7 @@ def ray_job(head, *args, env=None, timeout=600):
                           text=True, env=env or head.env, timeout=timeout, cwd=REPO)
 
 
-def test_the_jobs_api_refuses_a_job_without_the_token(head, tmp_path, mini_dir):
+def test_the_jobs_api_refuses_a_job_without_the_token(head, tmp_path):
     marker = tmp_path / "it_ran"
     job = ["--", "python", "-c", f"open({str(marker)!r}, 'w')"]
     stranger = {**head.env, "HOME": str(tmp_path)}
@@ -133,13 +133,6 @@ def test_the_jobs_api_refuses_a_job_without_the_token(head, tmp_path, mini_dir):
     proc = ray_job(head, *job, env={**stranger, "HOME": str(head.home)}, timeout=120)
     assert proc.returncode != 0 and "Unauthorized" in proc.stdout + proc.stderr
     assert not marker.exists()
-    # Nor does a driver join without it: one line that says what to do, no traceback (Ray's own log lines before it).
-    proc = run_cli("train", "--address", head.gcs, "--data-dir", mini_dir, "--storage-path", str(tmp_path),
-                   "--name", "x", env={**stranger, "HOME": str(head.home), "RAY_NUM_REDIS_GET_RETRIES": "1"})
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: Failed to connect to Ray cluster at ") and "export RAY_AUTH_MODE=token" in last
-    assert not (tmp_path / "x").exists()
     proc = ray_job(head, *job, timeout=120)  # with the token, as cluster.yaml tells a user
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert marker.exists()
