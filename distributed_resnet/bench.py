@@ -4,11 +4,13 @@ Ways to train the same ResNet on the same images with the same global batch and 
 Keras recipe's Adam, 'same' padding and bilinear shifts, or the fast recipe's SGD-Nesterov, symmetric padding,
 whole-pixel shifts and label smoothing):
 - `plain fp32`: the loop a user writes by hand: one process, eager fp32, the recipe's optimizer (the baseline row);
-- `plain bf16`: the same loop with bf16 autocast and channels_last (what bf16 alone gives);
+- `plain bf16`: the same loop with bf16 autocast and channels_last (what bf16 alone gives; skipped on a CPU
+  without native bf16, which emulates it at a fraction of fp32's speed);
 - `step`: the project's own epoch function (`loop.train_epoch`, `--precision auto`), one process; for the Keras
   recipe with TF 'same' padding and with symmetric padding (what the reference's padding costs);
 - `ray`: the full Ray Train path (`run_training`, N workers, DDP), steady-state epochs, plus its wall time; with
-  several workers once with per-worker BatchNorm statistics and once with the global BatchNorm (the default).
+  several workers once with per-worker BatchNorm statistics, once with the global BatchNorm (the default), and
+  once in fp32 with `--deterministic` (sums over the batch independent of N: `exact.py`).
 Each prints images/s, seconds per 45,000-image epoch and the ratio to `plain fp32`, and peak GPU memory on CUDA.
 Timing waits for the device (synchronize) before reading the clock, after warm-up steps.
 """
@@ -105,14 +107,16 @@ def bench_step(images, labels, batch, device, steps, warmup, fast, cfg: TrainCon
     return steps * batch / (time.perf_counter() - t0)
 
 
-def bench_ray(data_dir, workers, batch, samples, epochs, use_gpu, batchnorm="global", recipe="keras") -> tuple[float, float]:
+def bench_ray(data_dir, workers, batch, samples, epochs, use_gpu, batchnorm="global", recipe="keras",
+              deterministic=False) -> tuple[float, float]:
     """(steady-state images/s of the last epoch, wall seconds of the whole run) for the Ray Train path."""
     from .run import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(recipe=recipe, num_workers=workers, batch_size=batch, epochs=epochs, data_dir=data_dir,
                           max_train_samples=samples, storage_path=tmp, name="bench", use_gpu=use_gpu, num_to_keep=1,
-                          batchnorm=batchnorm)
+                          batchnorm=batchnorm, deterministic=deterministic,
+                          precision="fp32" if deterministic else "auto")
         t0 = time.time()
         results = run_training(cfg, quiet=True)
         return results["history"][-1]["images_per_second"], time.time() - t0
@@ -150,19 +154,25 @@ def main(argv=None) -> int:
 
     row("plain eager PyTorch loop, fp32, 1 process",
         bench_plain(images, labels, args.batch_size, device, steps, warmup, False, cfg))
-    row("plain loop, bf16 autocast + channels_last, 1 process",
-        bench_plain(images, labels, args.batch_size, device, steps, warmup, True, cfg))
+    if fast or not cpu:
+        row("plain loop, bf16 autocast + channels_last, 1 process",
+            bench_plain(images, labels, args.batch_size, device, steps, warmup, True, cfg))
+    else:
+        print("  (plain bf16 loop skipped: this CPU has no native bf16)", flush=True)
     paddings = ("same", "symmetric") if args.recipe == "keras" else (cfg.padding,)
     for padding in paddings:
         row(f"project step, 1 process ({'bf16' if fast else 'fp32'}, {padding} padding)",
             bench_step(images, labels, args.batch_size, device, steps, warmup, fast, replace(cfg, padding=padding)))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if not cpu else None
     singles = len(rows)
-    for batchnorm in ("local", "global") if workers > 1 else ("global",):
+    for batchnorm, deterministic in (("local", False), ("global", False), ("global", True)) if workers > 1 \
+            else (("global", False), ("global", True)):
         ips, wall = bench_ray(args.data_dir, workers, args.batch_size, ray_samples, ray_epochs, not cpu, batchnorm,
-                              args.recipe)
+                              args.recipe, deterministic)
         what = {"local": ", per-worker BatchNorm", "global": ", global BatchNorm (the default)"}[batchnorm] \
             if workers > 1 else ""
+        if deterministic:
+            what = ", fp32 --deterministic"
         row(f"Ray Train path, {workers} worker{'s' if workers > 1 else ''}{what}", ips)
     base, best_single = rows[0][1], max(ips for name, ips in rows[:singles])
     print(f"\n{'variant':<66} {'images/s':>10} {'s/epoch':>8} {'vs plain':>9} {'vs best 1-process':>18}")

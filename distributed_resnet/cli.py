@@ -130,6 +130,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="bf16: autocast + channels_last + fused Adam; auto (default): bf16 on GPUs (compute "
                         "capability 8.0+) and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32; fp64: for "
                         "verification runs (N workers against one without fp32's rounding)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="fp32 numbers that do not depend on --num-workers, bit for bit: every sum over the batch "
+                        "(BatchNorm statistics, weight and bias gradients, their all-reduce) is computed "
+                        "independently of the split and rounded once; slower; needs --precision fp32")
     g.add_argument("--no-fast", dest="precision", action="store_const", const="fp32", help="alias of --precision fp32")
 
 

@@ -89,6 +89,8 @@ class TrainConfig:
     precision: str = "auto"  # "bf16": autocast + channels_last + fused Adam; "auto": bf16 on CUDA and on CPUs
     #                          with native bf16 (AMX / AVX512-BF16), else fp32; "fp32": plain eager steps;
     #                          "fp64": for verification (N workers compute exactly what one does)
+    deterministic: bool = False  # fp32 numbers that do not depend on num_workers: every sum over the batch made
+    #                              independent of the split (exact.py); slower; needs precision fp32 and global BN
     eval_batch_size: int = 1000
     report_test: bool = True  # test accuracy every epoch; Tune trials turn it off (test is for the final pick only)
 
@@ -158,6 +160,12 @@ class TrainConfig:
             if self.per_worker_batch_size is not None:
                 raise UserError("--per-worker-batch-size would change the global batch with every resize of an elastic "
                                 "run: use --batch-size with --num-workers MIN:MAX")
+        if self.deterministic and self.precision not in ("fp32", "fp64"):
+            raise UserError(f"--deterministic computes in fp32: add --precision fp32 (not {self.precision}; bf16 "
+                            f"autocast rounds each worker's share on its own)")
+        if self.deterministic and self.batchnorm != "global":
+            raise UserError("--deterministic trains the same model on any number of workers, which per-worker "
+                            "BatchNorm statistics do not: drop --batchnorm local")
         if self.preemption_check_steps < 0:
             raise UserError(f"--preemption-check-steps must be >= 0, got {self.preemption_check_steps}")
         if self.max_failures < -1:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import exact
 from .augment import alternating_flips, draw_flip_shift, shift_images, to_float
 from .batchnorm import use_global_statistics
 from .config import TrainConfig
@@ -49,7 +50,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     fast = use_bf16(cfg.precision, device)  # bf16 autocast + channels_last + fused Adam
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+        # fixed shapes: let cuDNN pick its fastest kernels once (--deterministic: the same kernels every time)
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cudnn.deterministic = cfg.deterministic
     elif not local_mode:
         torch.set_num_threads(cfg.cpus_per_worker)
 
@@ -88,9 +91,15 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         init = loop_config["init_state"]
         model.load_state_dict(ray.get(init) if isinstance(init, ray.ObjectRef) else init)
     global_bn = cfg.batchnorm == "global" and world > 1
-    use_global_statistics(model, dist.group.WORLD if global_bn else None)
-    net = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=DDP_OPTIONS) \
-        if world > 1 else model
+    exact_grads = None
+    if cfg.deterministic:  # sums over the batch that do not depend on the split (exact.py), in place of DDP
+        exact_grads = exact.enable(model, dist.group.WORLD if world > 1 else None)
+        _broadcast_state(model, world)
+        net = model
+    else:
+        use_global_statistics(model, dist.group.WORLD if global_bn else None)
+        net = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=DDP_OPTIONS) \
+            if world > 1 else model
 
     keeper = ckpt.LocalKeeper(loop_config["local_run_dir"], cfg.num_to_keep) if local_mode else None
     check_last_step_fits(n_train, cfg.global_batch_size, world)
@@ -120,7 +129,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
         preempt = PreemptionWatch(on_notice, loop_config.get("preemption_check_steps", 0), local_mode)
         train_sums = train_epoch(net, optimizer, splits["train"], plan, augment, fast, preempt,
-                                 policy.lr if policy.per_step else None, cfg.label_smoothing)
+                                 policy.lr if policy.per_step else None, cfg.label_smoothing, exact_grads)
         _synchronize(device)
         train_seconds = time.perf_counter() - t0 + carried_seconds
         train_loss, train_acc = _means(_all_reduce_totals(*train_sums, world, carried))
@@ -247,10 +256,11 @@ class EpochPlan:
 
 
 def train_epoch(net, optimizer, train, plan: EpochPlan, augment: Augment | None, fast, watch=None, lr_at=None,
-                smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+                smoothing: float = 0.0, exact_grads: exact.ExactGradients | None = None) -> tuple[torch.Tensor, int]:
     """One pass over this worker's share of the epoch: device sums (loss, correct) and the image count; no host
     sync inside. `augment`: flips and shifts, None for none. `watch`: a PreemptionWatch, told after every step.
-    `lr_at(epoch, step)`: a per-step LR policy (one cycle), else the LR stays as set. `smoothing`: label smoothing."""
+    `lr_at(epoch, step)`: a per-step LR policy (one cycle), else the LR stays as set. `smoothing`: label smoothing.
+    `exact_grads`: `--deterministic` (`exact.py`): `net` is the bare model, its gradients summed exactly."""
     images, labels = train
     device = images.device
     dtype = next(net.parameters()).dtype  # fp32; fp64 in the tests that check the math of N workers exactly
@@ -278,15 +288,24 @@ def train_epoch(net, optimizer, train, plan: EpochPlan, augment: Augment | None,
             x = shift_images(x, dy[first:first + size], dx[first:first + size], flip)
         if fast:
             x = x.contiguous(memory_format=torch.channels_last)
+        if exact_grads is not None:
+            exact_grads.begin_step(step_size)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
             logits = net(x)
-        loss = training_loss(logits, y, smoothing)
-        optimizer.zero_grad(set_to_none=set_to_none)
-        # Weighted so that DDP's average over the workers is the mean over the step's global batch.
-        (loss * (plan.world * size / step_size)).backward()
+        if exact_grads is None:
+            loss = training_loss(logits, y, smoothing)
+            optimizer.zero_grad(set_to_none=set_to_none)
+            # Weighted so that DDP's average over the workers is the mean over the step's global batch.
+            (loss * (plan.world * size / step_size)).backward()
+            loss_sum = loss.double() * size
+        else:  # each image's loss gets the gradient 1 / step_size, whatever N; exact_grads makes every sum
+            losses = training_loss(logits, y, smoothing, reduction="none")
+            (losses.sum() / step_size).backward()
+            exact_grads.reduce()
+            loss_sum = losses.double().sum()
         optimizer.step()
         with torch.no_grad():
-            sums += torch.stack([loss.double() * size, (logits.argmax(1) == y).sum().double()])
+            sums += torch.stack([loss_sum.detach(), (logits.argmax(1) == y).sum().double()])
         count += size
         if watch is not None:
             watch.after_step(plan, step, sums, count)
@@ -311,7 +330,7 @@ def evaluate(model, images, labels, batch, rank=0, world=1) -> torch.Tensor:
     start, stop = n * rank // world, n * (rank + 1) // world
     logits = predict(model, images, batch, start, stop)
     y = labels[start:stop]
-    loss = F.cross_entropy(logits, y, reduction="sum").double()
+    loss = F.cross_entropy(logits, y, reduction="none").double().sum()  # per image, summed in fp64: any N alike
     return torch.stack([loss, (logits.argmax(1) == y).sum().double()]), stop - start
 
 
@@ -368,6 +387,14 @@ def _broadcast_buffers(model, world: int) -> None:
     if world > 1:
         for buf in model.buffers():
             dist.broadcast(buf, 0)
+
+
+def _broadcast_state(model, world: int) -> None:
+    """Rank 0's parameters and buffers everywhere (what DDP does when it wraps a model)."""
+    if world > 1:
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, 0)
 
 
 def _gather_node_ids(world: int) -> list[str]:

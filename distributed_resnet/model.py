@@ -20,6 +20,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from . import exact
 from .batchnorm import BatchNorm2d
 
 NUM_CLASSES = 10
@@ -28,21 +29,47 @@ NUM_CLASSES = 10
 PADDINGS = ("same", "symmetric")
 
 
-class Conv2dSame(nn.Conv2d):
-    """Conv2d with TensorFlow's 'same' padding: total padding (ceil(n/s)-1)*s + k - n, the odd pixel after.
+class Conv2d(nn.Conv2d):
+    """Conv2d with TensorFlow's 'same' padding (`same=True`): total padding (ceil(n/s)-1)*s + k - n, the odd pixel
+    after; or PyTorch's symmetric k // 2 on each side (`same=False`).
 
-    Where that is symmetric (every stride-1 conv, every 1x1 conv here) the conv pads by itself; only a
-    stride-2 3x3 conv on an even map pads its far side explicitly, one cheap `F.pad`.
+    Where 'same' is symmetric (every stride-1 conv, every 1x1 conv here) the conv pads by itself; only a
+    stride-2 3x3 conv on an even map pads its far side explicitly, one cheap `F.pad`. With `exact` set
+    (`--deterministic`), the weight and bias gradients are sums that do not depend on the split (`exact.py`).
     """
 
+    exact = None  # an exact.ExactGradients, set by exact.enable
+
+    def __init__(self, *args, same: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.same = same
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.same:
+            return self._conv(x, self.padding)
         pads = []
         for size, k, s in zip(x.shape[:1:-1], self.kernel_size[::-1], self.stride[::-1]):  # W, then H
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
         if pads[0] == pads[1] and pads[2] == pads[3]:
-            return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]))
-        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride)
+            return self._conv(x, (pads[2], pads[0]))
+        return self._conv(F.pad(x, pads), (0, 0))
+
+    def _conv(self, x: torch.Tensor, padding) -> torch.Tensor:
+        if self.exact is not None and self.training:
+            return exact.conv2d(x, self, self.stride, padding)
+        return F.conv2d(x, self.weight, self.bias, self.stride, padding)
+
+
+class Linear(nn.Linear):
+    """nn.Linear; with `exact` set (`--deterministic`), its gradients do not depend on the split (`exact.py`)."""
+
+    exact = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact is not None and self.training:
+            return exact.linear(x, self)
+        return super().forward(x)
 
 
 class ResnetLayer(nn.Module):
@@ -51,10 +78,8 @@ class ResnetLayer(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1,
                  activation: bool = True, batch_norm: bool = True, conv_first: bool = True, padding: str = "same"):
         super().__init__()
-        if padding == "same":
-            self.conv = Conv2dSame(in_ch, out_ch, kernel_size, stride, bias=True)
-        else:
-            self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=True)
+        self.conv = Conv2d(in_ch, out_ch, kernel_size, stride, padding=kernel_size // 2, bias=True,
+                           same=padding == "same")
         self.conv_first = conv_first
         bn_ch = out_ch if conv_first else in_ch
         self.bn = BatchNorm2d(bn_ch, eps=1e-3, momentum=0.01) if batch_norm else nn.Identity()
@@ -141,7 +166,7 @@ class ResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)  # registered in Keras' creation order: stem, blocks, head, fc
         self.head_norm = (nn.Sequential(BatchNorm2d(in_ch, eps=1e-3, momentum=0.01), nn.ReLU(inplace=True))
                           if version == 2 else nn.Identity())
-        self.fc = nn.Linear(in_ch, num_classes)
+        self.fc = Linear(in_ch, num_classes)
         for m in self.modules():  # the running statistics' update rate (0.01: Keras' momentum 0.99)
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = bn_momentum

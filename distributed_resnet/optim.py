@@ -13,13 +13,15 @@ import torch.nn.functional as F
 from .model import NUM_CLASSES, param_groups
 
 
-def training_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy against one-hot targets, smoothed by `smoothing`; bf16 logits are promoted to fp32."""
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Mean cross-entropy against one-hot targets (`reduction="none"`: each image's), smoothed by `smoothing`; bf16
+    logits are promoted to fp32."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     targets = F.one_hot(labels, NUM_CLASSES).to(logits.dtype)
     if smoothing:
         targets = targets * (1 - smoothing) + smoothing / NUM_CLASSES
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, reduction=reduction)
 
 
 def build_optimizer(model: torch.nn.Module, cfg, fused: bool) -> torch.optim.Optimizer:

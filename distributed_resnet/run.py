@@ -104,7 +104,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str, dict | None]:
 
 
 # What a resumed run may change: how and where it runs, not what it computes.
-MAY_CHANGE_ON_RESUME = {"precision", "use_gpu", "gpus_per_worker", "num_workers", "min_workers", "cpus_per_worker",
+MAY_CHANGE_ON_RESUME = {"precision", "deterministic", "use_gpu", "gpus_per_worker", "num_workers", "min_workers", "cpus_per_worker",
                         "max_failures", "preemption_check_steps",
                         "data_dir", "download", "storage_path", "name", "resume", "num_to_keep", "eval_batch_size",
                         "report_test", "init_weights", "epochs", "batch_size", "per_worker_batch_size"}

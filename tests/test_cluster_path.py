@@ -56,7 +56,7 @@ def s3():
             try:
                 urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/runs", method="PUT"), timeout=2)
                 return True
-            except (urllib.error.URLError, ConnectionError):
+            except OSError:  # refused, reset, or a server still starting that answers after the timeout
                 return False
 
         wait_for(bucket_made, "the S3 server")
@@ -105,7 +105,7 @@ def head(s3, tmp_path_factory):
             urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=2)
         except urllib.error.HTTPError:
             return True  # it answers, if only to refuse: it is up
-        except (urllib.error.URLError, ConnectionError):
+        except OSError:  # not listening yet, or too slow to answer (URLError, ConnectionError, TimeoutError)
             return False
         return True
 

@@ -29,6 +29,8 @@ def test_defaults_are_the_reference_recipe():
     ({"flip": "sometimes"}, "--flip must be one of random, alternate"),
     ({"schedule_epochs": 0}, "--schedule-epochs must be a positive integer"),
     ({"lr": 1e-7}, "--plateau-min-lr 5e-07 must be below --lr 1e-07"),
+    ({"deterministic": True}, "--deterministic computes in fp32: add --precision fp32 \\(not auto"),
+    ({"deterministic": True, "precision": "fp32", "batchnorm": "local"}, "drop --batchnorm local"),
 ])
 def test_invalid_values_are_one_line_user_errors(kwargs, message):
     with pytest.raises(UserError, match=message) as e:
