@@ -133,7 +133,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--deterministic", action="store_true",
                    help="fp32 numbers that do not depend on --num-workers, bit for bit: every sum over the batch "
                         "(BatchNorm statistics, weight and bias gradients, their all-reduce) is computed "
-                        "independently of the split and rounded once; slower; needs --precision fp32")
+                        "independently of the split and rounded once (measured on CPUs); slower; needs --precision fp32")
     g.add_argument("--no-fast", dest="precision", action="store_const", const="fp32", help="alias of --precision fp32")
 
 

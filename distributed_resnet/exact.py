@@ -45,6 +45,7 @@ class ExactGradients:
     def __init__(self, model: nn.Module, group=None):
         self.group = group  # None: one worker, nothing to exchange
         self.world = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
         self.params = [p for p in model.parameters() if p.requires_grad]
         convs = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.requires_grad}
         device = self.params[0].device
@@ -55,18 +56,21 @@ class ExactGradients:
         self.scales = torch.ones(len(self.fixed), dtype=torch.float64, device=device)
         self.views = {**_views(self.fixed, self.ints), **_views(self.floating, self.sums)}
         self.scale_index = {id(p): i for i, p in enumerate(self.fixed)}
-        self.step_size, self.sizes = None, None
+        self.step_size, self.sizes, self.added = None, None, set()
 
     def begin_step(self, step_size: int) -> None:
         """Zero the sums; `step_size`: the images of the step over all workers (split as `sharding.split` does)."""
         self.ints.zero_()
         self.sums.zero_()
-        self.step_size = step_size
+        self.step_size, self.added = step_size, set()
         self.sizes = [split(step_size, self.world, r)[1] for r in range(self.world)]
 
     def gather_images(self, rows: torch.Tensor) -> torch.Tensor:
         """rows: (this worker's images, K), one per image. Returns every worker's rows, (the step's images, K), in
         the global batch's image order: the same tensor on every worker and for any N (one all-gather)."""
+        if self.sizes is None or len(rows) != self.sizes[self.rank]:
+            raise ValueError(f"{len(rows)} rows, but begin_step gave this worker "
+                             f"{None if self.sizes is None else self.sizes[self.rank]} images")
         if self.group is None:
             return rows
         most = max(self.sizes)
@@ -88,13 +92,18 @@ class ExactGradients:
     def add_conv(self, param: torch.Tensor, per_image: torch.Tensor, largest: torch.Tensor) -> None:
         """per_image: (this worker's images, *param.shape), fp32: this worker's part of a convolution's weight
         gradient; largest: the largest |value| over the global batch (fp64, the same on every worker). Added in
-        integers of 2^-k, where 2^k puts the global batch's sum within int64 (no host sync)."""
+        integers of 2^-k, where 2^k puts the global batch's sum within int64 (no host sync); each value is truncated
+        to that grid (about 2^-56 of the largest: far below fp32's resolution, and the same for any N)."""
         if not param.requires_grad:
             return
+        if id(param) in self.added:
+            raise ValueError("--deterministic: a convolution used twice in one step is not supported (one scale each)")
+        self.added.add(id(param))
         values = per_image.double().flatten(1)
         _, exponent = torch.frexp(largest * self.step_size)  # |sum| <= step_size * largest < 2^exponent
         scale = torch.ldexp(torch.ones_like(largest), 62 - exponent)
-        self.scales[self.scale_index[id(param)]] = scale
+        # inf or NaN among the gradients: the sum comes back NaN (as DDP's would), not as wrapped-around integers
+        self.scales[self.scale_index[id(param)]] = torch.where(torch.isfinite(largest), scale, torch.nan)
         self.views[id(param)].add_((values * scale).to(torch.int64).sum(0).view_as(param))  # exact, any order
 
     def reduce(self) -> None:
@@ -117,7 +126,7 @@ def _views(params: list[torch.Tensor], flat: torch.Tensor) -> dict[int, torch.Te
 
 def _set_grad(param: torch.Tensor, total: torch.Tensor) -> None:
     if param.grad is None:
-        param.grad = total.to(param.dtype)
+        param.grad = total.to(param.dtype, copy=True)
     else:
         param.grad.copy_(total)
 
@@ -134,6 +143,9 @@ def enable(model: nn.Module, group=None) -> ExactGradients:
         if hasattr(m, "exact"):
             m.exact = grads
             covered.update(id(p) for p in m.parameters(recurse=False))
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or tuple(m.dilation) != (1, 1) or m.padding_mode != "zeros"):
+            raise ValueError(f"--deterministic: {name} has groups, dilation or a padding mode it does not compute")
     missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
     if missing:
         raise ValueError(f"--deterministic: no exact layer owns {', '.join(missing)}")
@@ -141,7 +153,8 @@ def enable(model: nn.Module, group=None) -> ExactGradients:
 
 
 def conv2d(x, layer: nn.Conv2d, stride, padding):
-    """`F.conv2d(x, layer.weight, layer.bias, stride, padding)` whose weight and bias gradients sum in fp64."""
+    """`F.conv2d(x, layer.weight, layer.bias, stride, padding)` whose weight and bias gradients do not depend on the
+    split (`ExactGradients`)."""
     return _Conv.apply(x, layer.weight, layer.bias, layer, tuple(stride), tuple(padding))
 
 
@@ -161,12 +174,18 @@ def _twice(*batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(torch.cat([b, b]) if b.shape[0] == 1 else b for b in batches)
 
 
+def _first(out: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n images of `out`: `out` itself unless `_twice` doubled the batch (a copy, never a view, so that
+    an in-place op on it is allowed)."""
+    return out if len(out) == n else out[:n].clone()
+
+
 class _Conv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer, stride, padding):
         ctx.save_for_backward(x, weight)
         ctx.layer, ctx.stride, ctx.padding = layer, list(stride), list(padding)
-        return F.conv2d(*_twice(x), weight, bias, stride, padding)[:len(x)]
+        return _first(F.conv2d(*_twice(x), weight, bias, stride, padding), len(x))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -174,8 +193,8 @@ class _Conv(torch.autograd.Function):
         layer, common = ctx.layer, (ctx.stride, ctx.padding, [1, 1], False, [0, 0], 1)
         grad_in = None
         if ctx.needs_input_grad[0]:  # per image: the same bits whatever else is in the batch
-            grad_in = torch.ops.aten.convolution_backward(*_twice(grad_out, x), weight, None, *common,
-                                                          [True, False, False])[0][:len(x)]
+            grad_in = _first(torch.ops.aten.convolution_backward(*_twice(grad_out, x), weight, None, *common,
+                                                                 [True, False, False])[0], len(x))
         per_image = _per_image_weight_grads(grad_out, x, weight, ctx.stride, ctx.padding)
         # One gather: each image's bias gradient (before a BatchNorm that sum is ~0, all rounding, so its order
         # matters) and the largest |value| of its weight gradient (the fixed-point scale).
@@ -192,7 +211,7 @@ class _Conv(torch.autograd.Function):
 def _per_image_weight_grads(grad_out, x, weight, stride, padding) -> torch.Tensor:
     """(B, *weight.shape): each image's weight gradient in fp32, by one convolution with B groups (image b is group
     b), whose bits for an image do not depend on the others in the batch nor on the thread count; fp32's rounding
-    within an image is the same for any N, and the caller sums the images in fp64. About as fast as the batched
+    within an image is the same for any N, and the caller adds the images exactly. About as fast as the batched
     fp32 kernel."""
     n = len(x)
     grad_out, x = _twice(grad_out, x)
@@ -211,7 +230,7 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer):
         ctx.save_for_backward(x, weight)
         ctx.layer = layer
-        return F.linear(*_twice(x), weight, bias)[:len(x)]
+        return _first(F.linear(*_twice(x), weight, bias), len(x))
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -50,9 +50,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     fast = use_bf16(cfg.precision, device)  # bf16 autocast + channels_last + fused Adam
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        # fixed shapes: let cuDNN pick its fastest kernels once (--deterministic: the same kernels every time)
+        # fixed shapes: let cuDNN pick its fastest kernels once (--deterministic: the same kernels every time, and
+        # fp32, not TF32; whether cuDNN's kernels are batch-size invariant is not measured: no GPU so far)
         torch.backends.cudnn.benchmark = not cfg.deterministic
-        torch.backends.cudnn.deterministic = cfg.deterministic
+        if cfg.deterministic:
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     elif not local_mode:
         torch.set_num_threads(cfg.cpus_per_worker)
 
@@ -330,7 +333,7 @@ def evaluate(model, images, labels, batch, rank=0, world=1) -> torch.Tensor:
     start, stop = n * rank // world, n * (rank + 1) // world
     logits = predict(model, images, batch, start, stop)
     y = labels[start:stop]
-    loss = F.cross_entropy(logits, y, reduction="none").double().sum()  # per image, summed in fp64: any N alike
+    loss = F.cross_entropy(logits, y, reduction="none").double().sum()  # per image, summed in fp64
     return torch.stack([loss, (logits.argmax(1) == y).sum().double()]), stop - start
 
 
