@@ -121,6 +121,14 @@ def test_the_fast_sweep_runs_every_trial_at_full_length():
     assert scheduler_spec(spec)["type"] == "none" and planned_trials(spec) >= 6
     assert default_point(spec) == {k: getattr(TrainConfig(recipe="fast"), k) for k in spec["search"]}
 
+    # The GPU file is the same sweep (same search, same searcher seed, same fixed settings), sized for one GPU.
+    gpu = load_sweep("tune_configs/fast_sweep_gpu.yaml")
+    assert {k: gpu[k] for k in ("search", "search_alg", "fixed", "scheduler", "num_samples")} == \
+        {k: spec[k] for k in ("search", "search_alg", "fixed", "scheduler", "num_samples")}
+    res = gpu["resources"]
+    assert res["num_workers"] == 1 and gpu["max_concurrent_trials"] * res["gpus_per_worker"] <= 1
+    assert trial_config(gpu, {})["use_gpu"] is True
+
 
 def test_the_benchmark_times_the_fast_recipe(mini_dir):
     """`bench --recipe fast`: the hand-written loop and the project's step, with the recipe's optimizer and shifts."""
