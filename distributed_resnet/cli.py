@@ -122,8 +122,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="one GPU per worker (default: when the cluster has GPUs)")
     g.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker)
     g.add_argument("--gpus-per-worker", type=float, default=d.gpus_per_worker,
-                   help="with --gpu; a fraction (1 worker only) lets several runs share one GPU, as Ray's "
-                        "resources_per_worker (default %(default)g)")
+                   help="GPUs per worker when the run uses GPUs; a fraction (1 worker only) lets several runs share one "
+                        "GPU, as Ray's resources_per_worker (default %(default)g)")
     g.add_argument("--max-failures", type=int, default=d.max_failures, help="worker restarts (default %(default)s)")
     g.add_argument("--storage-path", default=d.storage_path, help="local folder or s3:// URI (default %(default)s)")
     g.add_argument("--name", default=None, help="run folder name (default resnet<depth>v<version>_<time>)")

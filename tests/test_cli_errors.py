@@ -22,6 +22,8 @@ def _one_line_error(proc, *fragments):
     (["--batch-size", "2", "--num-workers", "3"], "every worker needs at least one per step"),
     (["--gpu", "--gpus-per-worker", "0.5", "--num-workers", "2"], "would share one GPU, which NCCL refuses"),
     (["--gpu", "--gpus-per-worker", "0"], "--gpus-per-worker must be in (0, 8]"),
+    # without --gpu the run takes GPUs where the cluster has them: the same checks, before any work
+    (["--gpus-per-worker", "0.5", "--num-workers", "2"], "would share one GPU, which NCCL refuses"),
 ])
 def test_bad_flags(args, fragment, tmp_path):
     _one_line_error(run_cli("train", *args, "--storage-path", str(tmp_path)), fragment)
