@@ -119,7 +119,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="every K steps, ask Ray Train for a preemption notice (a spot reclaim, a drained node) and "
                         "checkpoint mid-epoch on one (default %(default)s; 0: never)")
     g.add_argument("--gpu", dest="use_gpu", action=argparse.BooleanOptionalAction, default=None,
-                   help="one GPU per worker (default: when the cluster has GPUs)")
+                   help="GPUs for the workers, --gpus-per-worker each (default: when the cluster has GPUs)")
     g.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker)
     g.add_argument("--gpus-per-worker", type=float, default=d.gpus_per_worker,
                    help="GPUs per worker when the run uses GPUs; a fraction (1 worker only) lets several runs share one "

@@ -126,7 +126,7 @@ class TrainConfig:
             raise UserError(f"--gpus-per-worker must be in (0, 8], got {self.gpus_per_worker}")
         if self.use_gpu is not False and self.num_workers > 1 and self.gpus_per_worker < 1:
             raise UserError(f"{self.num_workers} workers on {self.gpus_per_worker} GPU each would share one GPU, which "
-                            f"NCCL refuses; give each worker a whole GPU or use 1 worker per trial")
+                            f"NCCL refuses; give each worker a whole GPU or use 1 worker per run")
         for key, allowed in (("padding", ("same", "symmetric")), ("shift", ("bilinear", "pixel")),
                              ("flip", ("random", "alternate")),
                              ("batchnorm", ("global", "local")), ("optimizer", ("adam", "sgd")),

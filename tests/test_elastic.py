@@ -23,7 +23,8 @@ from test_cluster_path import BIN, free_port, wait_for
 # fp32 with --deterministic: the elastic run must compute the 1-worker run's bits (plain fp32 rounds each worker's
 # sums on its own, and training amplifies that: the same comparison drifts to ~1e-3 in train loss within a few
 # hundred steps, whatever the worker count).
-TRAIN = ["--depth", "8", "--epochs", "4", "--max-train-samples", "512", "--val-size", "100", "--batch-size", "64",
+EPOCHS = 5  # the drain's notice comes a few seconds after `ray drain-node` returns: epochs 2-5 (~20 s) let it land mid-run
+TRAIN = ["--depth", "8", "--epochs", str(EPOCHS), "--max-train-samples", "512", "--val-size", "100", "--batch-size", "64",
          "--precision", "fp32", "--deterministic", "--seed", "3", "--max-failures", "0", "--preemption-check-steps", "1"]
 
 
@@ -79,6 +80,7 @@ def _train(address, env, tmp_path, data_dir, name, workers):
 
 def test_an_elastic_run_survives_a_preempted_node_and_computes_the_one_worker_run(two_nodes, tmp_path, mini_dir):
     address, env, worker = two_nodes
+    drained = next(n["id"] for n in _nodes(address, env) if not n["head"])  # before the run: a query takes seconds
     run = _train(address, env, tmp_path, mini_dir, "elastic", "1:2")
     lines = []
     for line in run.stdout:
@@ -86,7 +88,6 @@ def test_an_elastic_run_survives_a_preempted_node_and_computes_the_one_worker_ru
         if line.startswith("epoch 1/"):
             break
     assert lines and lines[-1].startswith("epoch 1/"), "".join(lines)
-    drained = next(n["id"] for n in _nodes(address, env) if not n["head"])
     subprocess.run([str(BIN / "ray"), "drain-node", "--address", address, "--node-id", drained, "--reason",
                     "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
                     "--deadline-remaining-seconds", "20"], check=True, env=env, timeout=60)
@@ -101,7 +102,7 @@ def test_an_elastic_run_survives_a_preempted_node_and_computes_the_one_worker_ru
     results = json.loads((run_dir / "results.json").read_text())
     workers = [h["workers"] for h in results["history"]]
     # 2 workers of 1 CPU on two 1-CPU nodes: one on each node, then one on the node that stayed.
-    assert workers[0] == 2 and workers[-1] == 1 and len(workers) == 4, workers
+    assert workers[0] == 2 and workers[-1] == 1 and len(workers) == EPOCHS, workers
     if note.group(2):  # restored from the preemption checkpoint: that epoch went on from its step
         assert results["history"][int(note.group(1)) - 1]["resumed_at_step"] == int(note.group(2))
 
