@@ -122,9 +122,10 @@ class TrainConfig:
         _positive(epochs=self.epochs, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                   cpus_per_worker=self.cpus_per_worker, num_to_keep=self.num_to_keep)
         _positive_float(lr=self.lr, adam_eps=self.adam_eps, plateau_min_lr=self.plateau_min_lr)
-        if not 0 < self.gpus_per_worker <= 8 and self.use_gpu is not False:  # None: GPUs where the cluster has them
+        may_use_gpus = self.use_gpu is not False  # None: GPUs wherever the cluster has them
+        if may_use_gpus and not 0 < self.gpus_per_worker <= 8:
             raise UserError(f"--gpus-per-worker must be in (0, 8], got {self.gpus_per_worker}")
-        if self.use_gpu is not False and self.num_workers > 1 and self.gpus_per_worker < 1:
+        if may_use_gpus and self.num_workers > 1 and self.gpus_per_worker < 1:
             raise UserError(f"{self.num_workers} workers on {self.gpus_per_worker} GPU each would share one GPU, which "
                             f"NCCL refuses; give each worker a whole GPU or use 1 worker per run")
         for key, allowed in (("padding", ("same", "symmetric")), ("shift", ("bilinear", "pixel")),

@@ -123,8 +123,8 @@ def test_the_fast_sweep_runs_every_trial_at_full_length():
 
     # The GPU file is the same sweep (same search, same searcher seed, same fixed settings), sized for one GPU.
     gpu = load_sweep("tune_configs/fast_sweep_gpu.yaml")
-    assert {k: gpu[k] for k in ("search", "search_alg", "fixed", "scheduler", "num_samples")} == \
-        {k: spec[k] for k in ("search", "search_alg", "fixed", "scheduler", "num_samples")}
+    shared = ("search", "search_alg", "fixed", "scheduler", "num_samples")
+    assert {k: gpu[k] for k in shared} == {k: spec[k] for k in shared}
     res = gpu["resources"]
     assert res["num_workers"] == 1 and gpu["max_concurrent_trials"] * res["gpus_per_worker"] <= 1
     assert trial_config(gpu, {})["use_gpu"] is True
