@@ -121,13 +121,14 @@ def test_the_fast_sweep_runs_every_trial_at_full_length():
     assert scheduler_spec(spec)["type"] == "none" and planned_trials(spec) >= 6
     assert default_point(spec) == {k: getattr(TrainConfig(recipe="fast"), k) for k in spec["search"]}
 
-    # The GPU file is the same sweep (same search, same searcher seed, same fixed settings), sized for one GPU.
-    gpu = load_sweep("tune_configs/fast_sweep_gpu.yaml")
-    shared = ("search", "search_alg", "fixed", "scheduler", "num_samples")
-    assert {k: gpu[k] for k in shared} == {k: spec[k] for k in shared}
-    res = gpu["resources"]
-    assert res["num_workers"] == 1 and gpu["max_concurrent_trials"] * res["gpus_per_worker"] <= 1
-    assert trial_config(gpu, {})["use_gpu"] is True
+    # On a GPU: the same file with tune's resource flags; only the resources and the concurrency change.
+    gpu = load_sweep("tune_configs/fast_sweep.yaml", {"cpus_per_worker": 1, "gpus_per_worker": 0.125,
+                                                      "max_concurrent_trials": 6, "num_workers": None})
+    assert {k: v for k, v in gpu.items() if k not in ("resources", "max_concurrent_trials")} == \
+        {k: v for k, v in spec.items() if k not in ("resources", "max_concurrent_trials")}
+    assert gpu["resources"] == {**spec["resources"], "cpus_per_worker": 1, "gpus_per_worker": 0.125}
+    assert gpu["max_concurrent_trials"] == 6 and spec["max_concurrent_trials"] == 1
+    assert trial_config(gpu, {})["use_gpu"] is True and trial_config(spec, {})["use_gpu"] is False
 
 
 def test_the_benchmark_times_the_fast_recipe(mini_dir):

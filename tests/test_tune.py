@@ -325,3 +325,16 @@ def test_init_weights_cannot_vary_with_what_they_must_fit(tmp_path, mini_dir):
         path.write_text(yaml.safe_dump(spec))
         with pytest.raises(UserError, match="cannot vary with init_weights"):
             load_sweep(str(path))
+
+
+def test_resource_flags_replace_the_files_and_are_checked_like_it(tmp_path):
+    """`tune --gpus-per-worker ...` lays the same sweep out on other hardware; a bad value is the file's one-line
+    error, naming the flag."""
+    spec = load_sweep(str(SMOKE), {"num_workers": 2, "max_concurrent_trials": 1})
+    assert spec["resources"]["num_workers"] == 2 and spec["max_concurrent_trials"] == 1
+    assert trial_config(spec, {})["num_workers"] == 2
+    assert load_sweep(str(SMOKE), {"num_workers": None}) == load_sweep(str(SMOKE))  # flags not given: the file
+    proc = run_cli("tune", "--config", str(SMOKE), "--storage-path", str(tmp_path), "--gpus-per-worker", "-1")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "with --gpus-per-worker -1.0: resources.gpus_per_worker must be a number >= 0" in proc.stderr
+    assert not list(tmp_path.iterdir())  # refused before anything started

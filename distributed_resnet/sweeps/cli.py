@@ -15,7 +15,7 @@ from ..config import UserError
 from ..data import default_data_dir
 from .schema import scheduler_spec, search_alg_spec
 from .space import default_notes
-from .spec import load_sweep, planned_trials
+from .spec import OVERRIDABLE, load_sweep, planned_trials
 
 
 def main(argv=None) -> int:
@@ -29,8 +29,15 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
     p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
     p.add_argument("--verbose", action="store_true", help="show Tune's and Ray's own progress output")
+    g = p.add_argument_group("resources", "each replaces the YAML's value; the search stays the file's")
+    g.add_argument("--num-workers", type=int, default=None, metavar="N", help="Train workers per trial (resources.num_workers)")
+    g.add_argument("--cpus-per-worker", type=int, default=None, metavar="C", help="(resources.cpus_per_worker)")
+    g.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="a fraction shares a GPU between trials, e.g. 0.125 with --max-concurrent-trials 6 "
+                        "(resources.gpus_per_worker)")
+    g.add_argument("--max-concurrent-trials", type=int, default=None, metavar="T", help="trials at once (max_concurrent_trials)")
     args = p.parse_args(argv)
-    spec = load_sweep(args.config)
+    spec = load_sweep(args.config, {k: getattr(args, k) for k in OVERRIDABLE})
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples must be a positive integer, got {args.num_samples}")
     data_dir = args.data_dir or (None if (spec.get("fixed") or {}).get("data_dir") else default_data_dir())

@@ -15,14 +15,18 @@ from ..config import TrainConfig, UserError
 from .schema import SweepFile, one_line, scheduler_spec, search_alg_spec
 
 RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
+OVERRIDABLE = (*RESOURCE_KEYS, "max_concurrent_trials")  # how a sweep is laid out on a cluster, not what it searches
 # What PBT may change during a trial: the settings the loop reads from the config at every (re)start, rather
 # than from the checkpoint (the optimizer's own hyperparameters, weight decay included, are restored from it).
 MUTABLE = ("lr", "lr_policy", "plateau_factor", "plateau_patience", "plateau_cooldown", "plateau_min_lr",
            "plateau_min_delta")
 
 
-def load_sweep(path: str) -> dict:
-    """Read and check a sweep YAML; every mistake is a one-line UserError naming the key."""
+def load_sweep(path: str, overrides: dict | None = None) -> dict:
+    """Read and check a sweep YAML; every mistake is a one-line UserError naming the key. `overrides` (the `tune`
+    flags --num-workers, --cpus-per-worker, --gpus-per-worker, --max-concurrent-trials) replace the file's
+    `resources` and `max_concurrent_trials`, so one file runs on a 2-core CPU and on a GPU: the search, the searcher
+    and the fixed settings stay the file's."""
     import yaml
 
     try:
@@ -32,11 +36,24 @@ def load_sweep(path: str) -> dict:
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}")
     spec = {k: v for k, v in spec.items() if v is not None} if isinstance(spec, dict) else spec
+    where = path
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if given and isinstance(spec, dict):
+        if set(given) - set(OVERRIDABLE):
+            raise ValueError(f"only {OVERRIDABLE} can be overridden, got {sorted(given)}")  # a caller's bug
+        flags = ", ".join("--" + k.replace("_", "-") + f" {v}" for k, v in given.items())
+        where = f"{path} with {flags}"
+        spec = dict(spec)
+        resources = {k: v for k, v in given.items() if k in RESOURCE_KEYS}
+        if resources:
+            spec["resources"] = {**(spec.get("resources") or {}), **resources}
+        if "max_concurrent_trials" in given:
+            spec["max_concurrent_trials"] = given["max_concurrent_trials"]
     try:
         SweepFile.model_validate(spec)
     except ValidationError as e:
-        raise UserError(f"{path}: {one_line(e, spec)}") from None
-    check_against_training(spec, path)
+        raise UserError(f"{where}: {one_line(e, spec)}") from None
+    check_against_training(spec, where)
     return spec
 
 

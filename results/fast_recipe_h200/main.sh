@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Device call 4 on the H200 (see README.md): unpack CIFAR-10 (.dstage/d0..d2), start one Ray node with the GPU, run
 # every line of PLAN as its own `train` (1 worker, GPU_SHARE of the GPU each) and, with SWEEP=1, the full-length
-# sweep tune_configs/fast_sweep_gpu.yaml beside them, all at once. Everything stops by STOP_AFTER seconds (SIGINT:
+# sweep tune_configs/fast_sweep.yaml (SWEEP_FLAGS: its 6 trials at once, 1/8 GPU each) beside them, all at once. Everything stops by STOP_AFTER seconds (SIGINT:
 # checkpoints are kept); logs, results.json and the newest and best checkpoint of every run come back in $OUT.
 set -u
 PLAN=${PLAN:-results/fast_recipe_h200/plan.txt}; GPU_SHARE=${GPU_SHARE:-0.04}; SWEEP=${SWEEP:-1}
-STOP_AFTER=${STOP_AFTER:-480}; SWEEP_CONFIG=${SWEEP_CONFIG:-tune_configs/fast_sweep_gpu.yaml}
+STOP_AFTER=${STOP_AFTER:-480}; SWEEP_CONFIG=${SWEEP_CONFIG:-tune_configs/fast_sweep.yaml}
+SWEEP_FLAGS=${SWEEP_FLAGS:---cpus-per-worker 1 --gpus-per-worker 0.125 --max-concurrent-trials 6}
 GPU_FLAGS=${GPU_FLAGS:---gpu --gpus-per-worker $GPU_SHARE}; EXTRA=${EXTRA:-}; NUM_CPUS=${NUM_CPUS:-16}
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled PYTHONPATH=/tmp/site:$PWD
 t0=$(date +%s)
@@ -23,7 +24,8 @@ while IFS='|' read -r name args; do
       --storage-path /tmp/runs --name "$name" $args $EXTRA > "/tmp/logs/$name.log" 2>&1 &
 done < "$PLAN"
 if [ "$SWEEP" = 1 ]; then
-  timeout -s INT -k 20 "$left" python3 -m distributed_resnet.tune --config "$SWEEP_CONFIG" \
+  # shellcheck disable=SC2086
+  timeout -s INT -k 20 "$left" python3 -m distributed_resnet.tune --config "$SWEEP_CONFIG" $SWEEP_FLAGS \
       --data-dir /tmp/c10 --storage-path /tmp/runs --address 127.0.0.1:6379 > /tmp/logs/sweep.log 2>&1 &
 fi
 snapshot() { tar --exclude='checkpoint_*' -czf "$OUT/logs.tgz.part" -C /tmp logs runs 2>/dev/null && mv "$OUT/logs.tgz.part" "$OUT/logs.tgz"; }
