@@ -31,7 +31,8 @@ from .cli import Parser, main_guard
 from .config import TrainConfig
 from .data import default_data_dir, load_cifar10
 from .device import use_bf16
-from .loop import Augment, EpochPlan, images_to_tensor, train_epoch
+from .inference import images_to_tensor
+from .loop import Augment, EpochPlan, train_epoch
 from .model import ResNet, param_groups
 from .optim import build_optimizer
 

@@ -5,7 +5,7 @@ epoch, RNG seeds, metric history) and `meta.json` (the same facts a person or `e
 without torch). A weights-only checkpoint (the shipped pretrained model, a converted Keras model) has the
 same two files with just the model and its meta. Ray Train copies the folder to storage and tracks the best
 by `val_accuracy`; in local mode (`--num-workers 0`) Ray keeps nothing, so `LocalKeeper` does the same job in
-the run folder.
+the run folder. torch is imported on first use: the folder checks before a run starts (`preflight`) need none.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-
-import torch
 
 from .config import UserError
 
@@ -37,6 +35,8 @@ def save(folder: str | Path, state: dict) -> None:
     whose checkpoint.pt has another size (a copy cut short), is incomplete."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    import torch
+
     torch.save({"format": FORMAT, **state}, folder / STATE_FILE)
     size = (folder / STATE_FILE).stat().st_size
     (folder / META_FILE).write_text(json.dumps({"format": FORMAT, **state["meta"], "state_bytes": size}, indent=1))
@@ -48,6 +48,8 @@ def load(path: str | Path, map_location="cpu") -> dict:
     file = path / STATE_FILE if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"no checkpoint at {path}: expected a checkpoint_epoch_NNNN folder holding {STATE_FILE}")
+    import torch
+
     try:
         # weights_only: tensors, dicts, lists, numbers and strings only; a pickled object (code) is refused.
         state = torch.load(file, map_location=map_location, weights_only=True)
@@ -117,7 +119,7 @@ def check_compatible(meta: dict, depth: int, version: int, where: str, padding: 
                         f"--padding {padding}: pass --padding {padding_of(meta)}")
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict, fused: bool) -> None:
+def restore_optimizer(optimizer: "torch.optim.Optimizer", saved: dict, fused: bool) -> None:
     """Load the optimizer's state (Adam's moments, SGD's momentum) for *this* run's mode, whatever mode saved it.
 
     `load_state_dict` would restore the saver's `fused`/`foreach` flags and keep the moments' memory layout,
@@ -125,6 +127,8 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict, fused: bool
     with the wrong weights in the vectorised kernels. So: this run's flags first (they also decide where
     `step` lives), then every moment re-laid out like its parameter.
     """
+    import torch
+
     saved = {**saved, "param_groups": [{**g, "fused": fused or None, "foreach": None if fused else g.get("foreach")}
                                        for g in saved["param_groups"]]}
     optimizer.load_state_dict(saved)

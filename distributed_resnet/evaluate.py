@@ -12,19 +12,20 @@ import json
 from pathlib import Path
 
 from .cli import Parser, main_guard
-from .config import UserError
+from .config import EVAL_BATCH, UserError
 from .data import CLASSES, default_data_dir
 
 
 def load_model(checkpoint: str, device="cpu"):
     """(model in eval mode, meta) from any checkpoint: a training checkpoint, a weights-only one, a converted
     Keras model. `distributed_resnet.load_pretrained("results/resnet20v1")` is this, in one line."""
+    from . import checkpoint as ckpt
+
+    state = ckpt.load(checkpoint)  # a missing or unsafe file is refused before the model's imports
     import torch
 
-    from . import checkpoint as ckpt
     from .model import ResNet
 
-    state = ckpt.load(checkpoint)
     meta = state["meta"]
     model = ResNet(meta["depth"], meta["version"], padding=ckpt.padding_of(meta))
     try:
@@ -34,13 +35,13 @@ def load_model(checkpoint: str, device="cpu"):
     return model.to(torch.device(device)).eval(), meta
 
 
-def evaluate_checkpoint(checkpoint: str, data_dir: str, batch: int = 1000, device: str | None = None,
+def evaluate_checkpoint(checkpoint: str, data_dir: str, batch: int = EVAL_BATCH, device: str | None = None,
                         tta: str | None = None) -> dict:
     import numpy as np
     import torch
 
     from .data import load_arrays
-    from .loop import images_to_tensor, predict
+    from .inference import images_to_tensor, predict
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_model(checkpoint, dev)

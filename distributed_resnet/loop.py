@@ -27,8 +27,9 @@ from . import exact
 from .augment import alternating_flips, draw_flip_shift, shift_images, to_float
 from .batchnorm import use_global_statistics
 from .config import TrainConfig
-from .device import exact_fp32, local_device, param_dtype, use_bf16
-from .model import NUM_CLASSES, ResNet, count_parameters
+from .device import local_device, param_dtype, use_bf16
+from .inference import images_to_tensor, predict
+from .model import ResNet, count_parameters
 from .optim import build_optimizer, training_loss
 from .schedule import lr_policy
 from .sharding import check_last_step_fits, epoch_order, flip_seed, step_seed, step_slice, steps_per_epoch
@@ -315,18 +316,6 @@ def train_epoch(net, optimizer, train, plan: EpochPlan, augment: Augment | None,
     return sums, count
 
 
-@torch.no_grad()
-def predict(model, images: torch.Tensor, batch: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """Logits for images[start:stop], in eval mode and fp32 (bf16 rounding in the val loss would be of the order
-    of ReduceLROnPlateau's min_delta), a batch at a time."""
-    model.eval()
-    stop = len(images) if stop is None else stop
-    dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    with exact_fp32():
-        out = [model(to_float(images[i:min(i + batch, stop)], dtype)) for i in range(start, stop, batch)]
-    return torch.cat(out) if out else torch.zeros(0, NUM_CLASSES, device=images.device, dtype=dtype)
-
-
 def evaluate(model, images, labels, batch, rank=0, world=1) -> torch.Tensor:
     """(loss sum, correct) and count over this worker's contiguous slice; all-reduced, they cover the whole set."""
     n = len(labels)
@@ -335,14 +324,6 @@ def evaluate(model, images, labels, batch, rank=0, world=1) -> torch.Tensor:
     y = labels[start:stop]
     loss = F.cross_entropy(logits, y, reduction="none").double().sum()  # per image, summed in fp64
     return torch.stack([loss, (logits.argmax(1) == y).sum().double()]), stop - start
-
-
-def images_to_tensor(images: np.ndarray, device, channels_last: bool) -> torch.Tensor:
-    """N x H x W x C uint8 -> N x C x H x W uint8 on `device` (channels_last keeps the NHWC bytes as they are)."""
-    with warnings.catch_warnings():  # arrays from the object store or the cache are read-only; nothing writes them
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        t = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2)
-    return t if channels_last else t.contiguous()
 
 
 def _to_device(images: np.ndarray, labels: np.ndarray, device, fast: bool):

@@ -20,20 +20,9 @@ from . import storage
 from .config import TrainConfig, UserError
 from .data import Cifar10, load_cifar10
 from .loop import train_loop_per_worker
+from .preflight import check_before_start
 from .report import ProgressPrinter, QueueDrain, curves_png, summary_lines
 from .sharding import check_last_step_fits
-
-
-def default_name(cfg: TrainConfig) -> str:
-    return f"resnet{cfg.depth}v{cfg.version}_{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def storage_root(storage_path: str) -> str:
-    """Ray wants an absolute local path or a URI. Run folders are appended to it, so a URI may not carry a query."""
-    if "://" in storage_path and "?" in storage_path:
-        raise UserError(f"--storage-path {storage_path}: put the options of the URI in the environment (for S3: "
-                        f"AWS_ENDPOINT_URL, AWS_REGION), not in a query string")
-    return storage_path if "://" in storage_path else os.path.abspath(os.path.expanduser(storage_path))
 
 
 def quiet_ray_logs(verbose: bool = False) -> None:
@@ -83,12 +72,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str, dict | None]:
     so nothing depends on a path that exists on the driver's node only.
     """
     cfg.validate()
-    if not cfg.name:
-        cfg.name = default_name(cfg)
-    if "/" in cfg.name or cfg.name in (".", ".."):
-        raise UserError(f"--name {cfg.name!r} must be a plain folder name")
-    root = storage_root(cfg.storage_path)
-    run_path = guard_folder(root, cfg.name, cfg.resume, "run")
+    root, run_path = check_before_start(cfg)
     latest = storage.latest_checkpoint(run_path) if cfg.resume else None
     if latest is not None:
         with storage.local_copy(latest) as folder:
@@ -130,22 +114,6 @@ def check_same_recipe(saved: dict, cfg: TrainConfig, where: str) -> None:
     if changed:
         raise UserError(f"--resume: {where} was trained with {', '.join(changed)}; a resumed run keeps its recipe: "
                         f"pass the same values, or start a new --name")
-
-
-def guard_folder(root: str, name: str, resume: bool, what: str) -> str:
-    """`root/name`, after checking it can be written and that it exists exactly when resuming (on remote storage
-    too: Ray would otherwise silently continue a run of that name)."""
-    path = f"{root.rstrip('/')}/{name}"
-    ckpt.writable_or_error(root)
-    try:
-        exists = storage.has_files(path)
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({str(e).splitlines()[0]}); check the URI and its credentials")
-    if exists and not resume:
-        raise UserError(f"{what} folder {path} already exists; add --resume to continue it or choose another --name")
-    if resume and not exists:
-        raise UserError(f"nothing to resume at {path}; drop --resume to start a new {what} there")
-    return path
 
 
 def load_data(cfg: TrainConfig) -> Cifar10:

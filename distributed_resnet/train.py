@@ -6,6 +6,7 @@ import shlex
 import sys
 
 from .cli import Parser, add_train_args, config_from_args, main_guard
+from .preflight import check_before_start
 
 
 def main(argv=None) -> int:
@@ -16,7 +17,8 @@ def main(argv=None) -> int:
     p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     args = p.parse_args(argv)
-    cfg = config_from_args(args).validate()  # before the slow imports of torch and Ray
+    cfg = config_from_args(args).validate()
+    check_before_start(cfg)  # before the slow imports of torch and Ray (seconds)
     from .api import fit
     from .run import Interrupted
 

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR10_DIR = Path(os.environ.get("CIFAR10_DIR", REPO.parent / "shared" / "cifar10"))
+# Absolute: tests run the tools from other folders (a job's working dir, a tmp_path), and the README's command
+# gives a relative path (`CIFAR10_DIR=../shared/cifar10`). The tools' subprocesses inherit the absolute one.
+CIFAR10_DIR = Path(os.environ.get("CIFAR10_DIR", REPO.parent / "shared" / "cifar10")).resolve()
+os.environ["CIFAR10_DIR"] = str(CIFAR10_DIR)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -185,7 +185,8 @@ def test_gpu_workers_get_an_instance_profile(config):
 
 
 def parse_train_command(monkeypatch, args: list[str]):
-    """Run the real `distributed_resnet.train` CLI on `args`, with the training replaced: returns the TrainConfig."""
+    """Run the real `distributed_resnet.train` CLI on `args`, with the training (and the checks of its s3:// folder,
+    which would reach out to S3) replaced: returns the TrainConfig."""
     from distributed_resnet import train
 
     seen = {}
@@ -197,6 +198,7 @@ def parse_train_command(monkeypatch, args: list[str]):
     monkeypatch.setitem(sys.modules, "distributed_resnet.api", types.SimpleNamespace(fit=fake_fit))
     monkeypatch.setitem(sys.modules, "distributed_resnet.run", types.SimpleNamespace(
         Interrupted=type("Interrupted", (Exception,), {})))
+    monkeypatch.setattr(train, "check_before_start", lambda cfg: None)
     try:
         assert train.main(args) == 0
     except SystemExit as e:  # argparse rejected a flag: the comment documents a command that cannot run
@@ -238,6 +240,10 @@ def test_documented_sweep_fits_and_its_config_exists(config, monkeypatch):
                       "trials": []}
 
     monkeypatch.setattr(tuner, "run_sweep", fake_run_sweep)
+    import distributed_resnet.sweeps.cli as sweep_cli  # the s3:// folder and the head's data: not reachable here
+
+    monkeypatch.setattr(sweep_cli, "guard_folder", lambda *a: None)
+    monkeypatch.setattr(sweep_cli, "find_source", lambda *a: None)
     monkeypatch.chdir(REPO)  # --working-dir . : the config path is relative to the repository root
     args = documented_command("tune")
     try:

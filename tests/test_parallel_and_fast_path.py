@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distributed_resnet.augment import to_float
-from distributed_resnet.loop import Augment, EpochPlan, images_to_tensor, train_epoch
+from distributed_resnet.inference import images_to_tensor
+from distributed_resnet.loop import Augment, EpochPlan, train_epoch
 from distributed_resnet.config import UserError
 from distributed_resnet.sharding import check_last_step_fits, epoch_order, split, step_slice, steps_per_epoch
 from distributed_resnet.model import ResNet, param_groups

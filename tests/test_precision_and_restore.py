@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REPO
 from distributed_resnet import checkpoint as ckpt
 from distributed_resnet.augment import to_float
 from distributed_resnet.config import UserError
 from distributed_resnet.device import cpu_has_native_bf16, local_device, use_bf16
-from distributed_resnet.loop import predict
+from distributed_resnet.inference import predict
 from distributed_resnet.model import ResNet, param_groups
 
 
@@ -46,6 +47,22 @@ def test_evaluation_is_fp32_whatever_the_training_precision():
     with torch.no_grad():
         exact = model(to_float(images).contiguous())
     torch.testing.assert_close(logits, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_the_evaluation_batch_changes_the_speed_not_the_logits(cifar_root):
+    """EVAL_BATCH (256) was chosen for speed: the published runs were evaluated at 1000, and re-evaluating them must
+    give the same predictions. Here the logits of real test images are the same bits (a last batch of 244 images
+    included)."""
+    from distributed_resnet.config import EVAL_BATCH, TrainConfig
+    from distributed_resnet.data import load_arrays
+    from distributed_resnet.evaluate import load_model
+    from distributed_resnet.inference import images_to_tensor
+
+    assert TrainConfig().eval_batch_size == EVAL_BATCH == 256
+    model, _ = load_model(str(REPO / "results" / "resnet20v1_fast"))
+    _, test, _ = load_arrays(str(cifar_root / "mini"))
+    images = images_to_tensor(test.images, "cpu", channels_last=False)  # 500 images: batches of 256 and 244
+    assert torch.equal(predict(model, images, EVAL_BATCH), predict(model, images, 1000))
 
 
 def _make(fast: bool, init: dict | None = None):
@@ -163,7 +180,7 @@ def test_auto_bf16_on_cuda_needs_ampere_or_later():
 def test_evaluation_runs_without_tf32():
     """'fp32' evaluation is IEEE fp32: TF32 (on by default for cuDNN convolutions on Ampere+) is off while the
     loop predicts, and the previous settings come back after."""
-    from distributed_resnet.loop import predict
+    from distributed_resnet.inference import predict
 
     seen = []
 

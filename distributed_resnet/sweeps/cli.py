@@ -12,7 +12,8 @@ import time
 
 from ..cli import Parser, main_guard
 from ..config import UserError
-from ..data import default_data_dir
+from ..data import default_data_dir, find_source
+from ..preflight import guard_folder, storage_root
 from .schema import scheduler_spec, search_alg_spec
 from .space import default_notes
 from .spec import OVERRIDABLE, load_sweep, planned_trials
@@ -46,6 +47,11 @@ def main(argv=None) -> int:
           f"{scheduler_spec(spec)['type']} scheduler; the first runs the default recipe) from {args.config}", flush=True)
     for note in default_notes(spec):
         print(f"note: {note}", flush=True)
+    # The sweep folder and the data, before the slow imports of torch and Ray (seconds).
+    guard_folder(storage_root(args.storage_path), name, args.resume, "sweep")
+    fixed = spec.get("fixed") or {}
+    if not fixed.get("download"):
+        find_source(data_dir or fixed["data_dir"])
     from .summary import print_outcome, print_table, write_summary
     from .tuner import run_sweep
 

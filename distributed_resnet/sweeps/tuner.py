@@ -17,7 +17,8 @@ from ray import tune
 
 from .. import checkpoint as ckpt
 from ..config import TrainConfig, UserError
-from ..run import data_refs, guard_folder, init_ray, load_data, storage_root
+from ..preflight import guard_folder, storage_root
+from ..run import data_refs, init_ray, load_data
 from .progress import ProgressLines
 from .space import default_point, driver_resources, scheduler, searcher
 from .spec import check_pbt_population, grid_size, planned_trials, scheduler_spec, trial_config
