@@ -41,13 +41,14 @@ def sweep(config_path: str, data_dir: str | None = None, storage_path: str = "~/
           num_samples: int | None = None, resume: bool = False, address: str | None = None, verbose: bool = False,
           resources: dict | None = None):
     """Run the sweep file at `config_path`; returns Ray Tune's `ResultGrid`. `resources` replaces the file's
-    num_workers, cpus_per_worker, gpus_per_worker or max_concurrent_trials (the `tune` flags of those names).
-    Each trial's results carry its Ray Train checkpoint as `metrics["checkpoint_path"]` (Ray's TuneReportCallback). best.json and trials.json (the winner,
+    num_workers, cpus_per_worker, gpus_per_worker or max_concurrent_trials (the `tune` flags of those names; not
+    with `resume`). Each trial's results carry its Ray Train checkpoint as `metrics["checkpoint_path"]` (Ray's TuneReportCallback). best.json and trials.json (the winner,
     evaluated once on test, and every trial against the default recipe) land in the sweep's folder."""
-    from .sweeps.spec import load_sweep
+    from .sweeps.spec import load_sweep, refuse_new_layout_on_resume
     from .sweeps.summary import write_summary
     from .sweeps.tuner import run_sweep
 
+    refuse_new_layout_on_resume(resources, resume)
     spec = load_sweep(config_path, resources)
     name = name or spec.get("name") or f"tune_{time.strftime('%Y%m%d-%H%M%S')}"
     grid, summary = run_sweep(spec, data_dir, storage_path, name, num_samples, resume, address, verbose)

@@ -21,9 +21,10 @@ class UserError(Exception):
     """A mistake in what the user asked for: the CLIs print it as one line and exit with code 2."""
 
 
-# Evaluation batch. The logits do not depend on it (eval mode: bitwise the same from 64 to 1000 on a 2-core EPYC),
-# its speed does: there, 10,000 test images in fp32 took 23-26 s at 1000 and 8-10 s at 128-250.
-EVAL_BATCH = 256
+# Evaluation batch: the training batch. The logits do not depend on it (eval mode; the same bits from 64 to 1000 on
+# a 2-core EPYC), its speed does: there, 10,000 test images in fp32 took 18-22 s at 1000 and 8-9 s at 128
+# (results/eval_batch).
+EVAL_BATCH = 128
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The driver side of a training run: checks, data, Ray, `TorchTrainer.fit()`, and the results it leaves.
 
-`run_training(cfg)` is what `python -m distributed_resnet.train` calls and what a Tune trial calls (with
-`in_tune=True`): every user error is raised as `UserError` before the first worker starts.
+`train(cfg)` is what `api.fit` (and so `python -m distributed_resnet.train`) calls; a Tune trial builds its
+trainer with `build_trainer` itself (`sweeps.trials`). Every user error is raised as `UserError` before the first
+worker starts.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def test_evaluate_reports_flip_tta_beside_the_plain_number(tmp_path, mini_dir):
 
 
 def test_the_fast_sweep_runs_every_trial_at_full_length():
-    from distributed_resnet.sweeps.space import default_point
+    from distributed_resnet.sweeps.spec import default_point
     from distributed_resnet.sweeps.spec import load_sweep, planned_trials, scheduler_spec, trial_config
 
     spec = load_sweep("tune_configs/fast_sweep.yaml")

@@ -50,19 +50,21 @@ def test_evaluation_is_fp32_whatever_the_training_precision():
 
 
 def test_the_evaluation_batch_changes_the_speed_not_the_logits(cifar_root):
-    """EVAL_BATCH (256) was chosen for speed: the published runs were evaluated at 1000, and re-evaluating them must
-    give the same predictions. Here the logits of real test images are the same bits (a last batch of 244 images
-    included)."""
+    """EVAL_BATCH (128) was chosen for speed: the published runs were evaluated at 1000, and re-evaluating them must
+    give the same predictions (test_pretrained checks the counts on the whole test set). On the 2-core EPYC the
+    logits were the same bits; other kernels may round differently, so: the same predictions, logits within 1e-4."""
     from distributed_resnet.config import EVAL_BATCH, TrainConfig
     from distributed_resnet.data import load_arrays
     from distributed_resnet.evaluate import load_model
     from distributed_resnet.inference import images_to_tensor
 
-    assert TrainConfig().eval_batch_size == EVAL_BATCH == 256
+    assert TrainConfig().eval_batch_size == EVAL_BATCH == 128
     model, _ = load_model(str(REPO / "results" / "resnet20v1_fast"))
     _, test, _ = load_arrays(str(cifar_root / "mini"))
-    images = images_to_tensor(test.images, "cpu", channels_last=False)  # 500 images: batches of 256 and 244
-    assert torch.equal(predict(model, images, EVAL_BATCH), predict(model, images, 1000))
+    images = images_to_tensor(test.images, "cpu", channels_last=False)  # 500 images: a last batch of 116
+    small, large = predict(model, images, EVAL_BATCH), predict(model, images, 1000)
+    assert torch.equal(small.argmax(1), large.argmax(1))
+    torch.testing.assert_close(small, large, rtol=0, atol=1e-4)
 
 
 def _make(fast: bool, init: dict | None = None):

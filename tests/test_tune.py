@@ -15,8 +15,9 @@ import yaml
 
 from conftest import REPO, kill_with_everything_it_started, run_cli
 from distributed_resnet.config import UserError
-from distributed_resnet.sweeps.space import default_notes, default_point, driver_resources, search_space
-from distributed_resnet.sweeps.spec import load_sweep, planned_trials, scheduler_spec, trial_config
+from distributed_resnet.sweeps.space import driver_resources, search_space
+from distributed_resnet.sweeps.spec import (default_notes, default_point, load_sweep, planned_trials, scheduler_spec,
+                                           trial_config)
 from distributed_resnet.sweeps.summary import vs_default_text
 
 SMOKE = REPO / "tune_configs" / "smoke.yaml"
@@ -338,3 +339,7 @@ def test_resource_flags_replace_the_files_and_are_checked_like_it(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "with --gpus-per-worker -1.0: resources.gpus_per_worker must be a number >= 0" in proc.stderr
     assert not list(tmp_path.iterdir())  # refused before anything started
+    # Tune restores a sweep with the concurrency it was saved with: --resume keeps the layout.
+    proc = run_cli("tune", "--config", str(SMOKE), "--storage-path", str(tmp_path), "--resume", "--num-workers", "2")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "--resume continues a sweep as it was laid out: drop --num-workers" in proc.stderr

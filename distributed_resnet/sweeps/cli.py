@@ -15,8 +15,7 @@ from ..config import UserError
 from ..data import default_data_dir, find_source
 from ..preflight import guard_folder, storage_root
 from .schema import scheduler_spec, search_alg_spec
-from .space import default_notes
-from .spec import OVERRIDABLE, load_sweep, planned_trials
+from .spec import OVERRIDABLE, check_layout, default_notes, load_sweep, planned_trials, refuse_new_layout_on_resume
 
 
 def main(argv=None) -> int:
@@ -38,7 +37,9 @@ def main(argv=None) -> int:
                         "(resources.gpus_per_worker)")
     g.add_argument("--max-concurrent-trials", type=int, default=None, metavar="T", help="trials at once (max_concurrent_trials)")
     args = p.parse_args(argv)
-    spec = load_sweep(args.config, {k: getattr(args, k) for k in OVERRIDABLE})
+    overrides = {k: getattr(args, k) for k in OVERRIDABLE}
+    refuse_new_layout_on_resume(overrides, args.resume)
+    spec = load_sweep(args.config, overrides)
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples must be a positive integer, got {args.num_samples}")
     data_dir = args.data_dir or (None if (spec.get("fixed") or {}).get("data_dir") else default_data_dir())
@@ -47,8 +48,10 @@ def main(argv=None) -> int:
           f"{scheduler_spec(spec)['type']} scheduler; the first runs the default recipe) from {args.config}", flush=True)
     for note in default_notes(spec):
         print(f"note: {note}", flush=True)
-    # The sweep folder and the data, before the slow imports of torch and Ray (seconds).
-    guard_folder(storage_root(args.storage_path), name, args.resume, "sweep")
+    # The layout, the sweep folder and the data, before the slow imports of torch and Ray (seconds).
+    root = storage_root(args.storage_path)
+    check_layout(spec, root, args.num_samples)
+    guard_folder(root, name, args.resume, "sweep")
     fixed = spec.get("fixed") or {}
     if not fixed.get("download"):
         find_source(data_dir or fixed["data_dir"])

@@ -1,8 +1,9 @@
-"""The search: Tune's search space from the sweep file, the default-recipe point, the searchers (random, Optuna
-TPE) and the schedulers (ASHA with its final-epoch rule, PBT, none).
+"""The search: Tune's search space from the sweep file, the searchers (random, Optuna TPE) and the schedulers (ASHA
+with its final-epoch rule, PBT, none).
 
-The default recipe is always a trial: the first point either searcher evaluates is the default value of every
-searched key (TrainConfig's default, or the YAML's `fixed` value), through `points_to_evaluate`. A default outside
+The default recipe is always a trial: the first point either searcher evaluates is `spec.default_point`, the
+default value of every searched key (TrainConfig's default, or the YAML's `fixed` value), through
+`points_to_evaluate`. A default outside
 its search range is still evaluated (a note says so; with optuna a default missing from a `choice` list joins it).
 """
 
@@ -14,31 +15,11 @@ from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from ..config import TrainConfig
-from .spec import scheduler_spec, search_alg_spec, trial_config
+from .spec import default_point, scheduler_spec, search_alg_spec, trial_config
 
 DRIVER_CPU = 0.01  # a trial's own process only waits on fit(): the Train workers hold the real CPUs and GPUs
 _RANGES = {"loguniform": lambda a: tune.loguniform(*a), "uniform": lambda a: tune.uniform(*a),
            "randint": lambda a: tune.randint(a[0], a[1] + 1)}  # inclusive high, as people read [2, 10]
-
-
-def default_point(spec: dict) -> dict:
-    """The default recipe in the searched keys: TrainConfig's defaults, overridden by the YAML's `fixed`."""
-    base = TrainConfig.from_dict(trial_config(spec, {}))
-    return {key: getattr(base, key) for key in (spec.get("search") or {})}
-
-
-def default_notes(spec: dict) -> list[str]:
-    """One note per searched key whose default lies outside its search range (the default trial runs it anyway)."""
-    optuna = search_alg_spec(spec)["type"] == "optuna"
-    notes = []
-    for key, value in default_point(spec).items():
-        kind, args = next(iter(spec["search"][key].items()))
-        inside = args[0] <= value <= args[1] if kind in _RANGES else value in args
-        if not inside:
-            notes.append(f"search.{key}: the default {value!r} lies outside {kind} {args}; the default trial runs "
-                         f"it anyway" + ("; optuna's choices gain it" if optuna and kind == "choice" else ""))
-    return notes
 
 
 def search_space(spec: dict, point: dict | None = None) -> dict:

@@ -18,6 +18,7 @@ RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
 OVERRIDABLE = (*RESOURCE_KEYS, "max_concurrent_trials")  # how a sweep is laid out on a cluster, not what it searches
 # What PBT may change during a trial: the settings the loop reads from the config at every (re)start, rather
 # than from the checkpoint (the optimizer's own hyperparameters, weight decay included, are restored from it).
+RANGES = ("loguniform", "uniform", "randint")  # the distributions given as [low, high]
 MUTABLE = ("lr", "lr_policy", "plateau_factor", "plateau_patience", "plateau_cooldown", "plateau_min_lr",
            "plateau_min_delta")
 
@@ -140,3 +141,41 @@ def _check_pbt(spec: dict, sched: dict, path: str, epochs: int) -> None:
         if "grid" in search[key]:
             raise UserError(f"{path}: search.{key} is a grid; PBT mutates it, so give it choice or a range")
     check_pbt_population(spec, planned_trials(spec), path)
+
+
+def default_point(spec: dict) -> dict:
+    """The default recipe in the searched keys: TrainConfig's defaults, overridden by the YAML's `fixed`."""
+    base = TrainConfig.from_dict(trial_config(spec, {}))
+    return {key: getattr(base, key) for key in (spec.get("search") or {})}
+
+
+def default_notes(spec: dict) -> list[str]:
+    """One note per searched key whose default lies outside its search range (the default trial runs it anyway)."""
+    optuna = search_alg_spec(spec)["type"] == "optuna"
+    notes = []
+    for key, value in default_point(spec).items():
+        kind, args = next(iter(spec["search"][key].items()))
+        inside = args[0] <= value <= args[1] if kind in RANGES else value in args
+        if not inside:
+            notes.append(f"search.{key}: the default {value!r} lies outside {kind} {args}; the default trial runs "
+                         f"it anyway" + ("; optuna's choices gain it" if optuna and kind == "choice" else ""))
+    return notes
+
+
+def refuse_new_layout_on_resume(overrides: dict | None, resume: bool) -> None:
+    """Tune restores a sweep with the concurrency it was saved with: a resumed sweep keeps its layout."""
+    given = sorted(k for k, v in (overrides or {}).items() if v is not None)
+    if resume and given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise UserError(f"--resume continues a sweep as it was laid out: drop {flags}")
+
+
+def check_layout(spec: dict, storage_root: str, num_samples: int | None) -> None:
+    """What the storage and the trial count must allow, checked before the sweep folder (by `tune`, at once)."""
+    if scheduler_spec(spec)["type"] != "pbt":
+        return
+    if "://" in storage_root:
+        raise UserError("scheduler pbt hands checkpoints to the Train workers as folders: use a local "
+                        "--storage-path (or a shared file system), not a URI")
+    if num_samples:
+        check_pbt_population(spec, planned_trials(spec, num_samples), "--num-samples")

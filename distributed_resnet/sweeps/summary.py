@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from .progress import creation_index, default_trial_id, fmt_metric
-from .space import default_notes, default_point
+from .spec import default_notes, default_point
 from .spec import scheduler_spec, trial_config
 
 

@@ -16,12 +16,12 @@ import ray
 from ray import tune
 
 from .. import checkpoint as ckpt
-from ..config import TrainConfig, UserError
+from ..config import TrainConfig
 from ..preflight import guard_folder, storage_root
 from ..run import data_refs, init_ray, load_data
 from .progress import ProgressLines
-from .space import default_point, driver_resources, scheduler, searcher
-from .spec import check_pbt_population, grid_size, planned_trials, scheduler_spec, trial_config
+from .space import driver_resources, scheduler, searcher
+from .spec import check_layout, default_point, grid_size, planned_trials, scheduler_spec, trial_config
 from .summary import summarize_sweep
 from .trials import run_trial, run_trial_pbt
 
@@ -31,11 +31,7 @@ def run_sweep(spec: dict, data_dir: str | None, storage_path: str, name: str, nu
     """(Tune's ResultGrid, the project's summary) of the sweep `spec` (from `spec.load_sweep`)."""
     root = storage_root(storage_path)
     sched = scheduler_spec(spec)
-    if sched["type"] == "pbt" and "://" in root:
-        raise UserError("scheduler pbt hands checkpoints to the Train workers as folders: use a local "
-                        "--storage-path (or a shared file system), not a URI")
-    if sched["type"] == "pbt" and num_samples:
-        check_pbt_population(spec, planned_trials(spec, num_samples), "--num-samples")
+    check_layout(spec, root, num_samples)
     exp_path = guard_folder(root, name, resume, "sweep")
     fixed = dict(spec.get("fixed") or {})
     if data_dir:
