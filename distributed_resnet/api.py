@@ -42,8 +42,9 @@ def sweep(config_path: str, data_dir: str | None = None, storage_path: str = "~/
           resources: dict | None = None):
     """Run the sweep file at `config_path`; returns Ray Tune's `ResultGrid`. `resources` replaces the file's
     num_workers, cpus_per_worker, gpus_per_worker or max_concurrent_trials (the `tune` flags of those names; not
-    with `resume`). Each trial's results carry its Ray Train checkpoint as `metrics["checkpoint_path"]` (Ray's TuneReportCallback). best.json and trials.json (the winner,
-    evaluated once on test, and every trial against the default recipe) land in the sweep's folder."""
+    with `resume`). Each trial's results carry its Ray Train checkpoint as `metrics["checkpoint_path"]` (Ray's
+    TuneReportCallback). best.json and trials.json (the winner, evaluated once on test, and every trial against
+    the default recipe) land in the sweep's folder."""
     from .sweeps.spec import load_sweep, refuse_new_layout_on_resume
     from .sweeps.summary import write_summary
     from .sweeps.tuner import run_sweep
