@@ -16,11 +16,16 @@ from .schema import SweepFile, one_line, scheduler_spec, search_alg_spec
 
 RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
 OVERRIDABLE = (*RESOURCE_KEYS, "max_concurrent_trials")  # how a sweep is laid out on a cluster, not what it searches
+RANGES = ("loguniform", "uniform", "randint")  # the distributions given as [low, high]
 # What PBT may change during a trial: the settings the loop reads from the config at every (re)start, rather
 # than from the checkpoint (the optimizer's own hyperparameters, weight decay included, are restored from it).
-RANGES = ("loguniform", "uniform", "randint")  # the distributions given as [low, high]
 MUTABLE = ("lr", "lr_policy", "plateau_factor", "plateau_patience", "plateau_cooldown", "plateau_min_lr",
            "plateau_min_delta")
+
+
+def flag(key: str) -> str:
+    """The `tune` flag of an overridable key: max_concurrent_trials -> --max-concurrent-trials."""
+    return "--" + key.replace("_", "-")
 
 
 def load_sweep(path: str, overrides: dict | None = None) -> dict:
@@ -42,7 +47,7 @@ def load_sweep(path: str, overrides: dict | None = None) -> dict:
     if given and isinstance(spec, dict):
         if set(given) - set(OVERRIDABLE):
             raise ValueError(f"only {OVERRIDABLE} can be overridden, got {sorted(given)}")  # a caller's bug
-        flags = ", ".join("--" + k.replace("_", "-") + f" {v}" for k, v in given.items())
+        flags = ", ".join(f"{flag(k)} {v}" for k, v in given.items())
         where = f"{path} with {flags}"
         spec = dict(spec)
         resources = {k: v for k, v in given.items() if k in RESOURCE_KEYS}
@@ -166,7 +171,7 @@ def refuse_new_layout_on_resume(overrides: dict | None, resume: bool) -> None:
     """Tune restores a sweep with the concurrency it was saved with: a resumed sweep keeps its layout."""
     given = sorted(k for k, v in (overrides or {}).items() if v is not None)
     if resume and given:
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        flags = ", ".join(flag(k) for k in given)
         raise UserError(f"--resume continues a sweep as it was laid out: drop {flags}")
 
 
