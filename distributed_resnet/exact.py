@@ -16,9 +16,11 @@ The layers of `model.py` call `conv2d`, `linear` and `batch_norm` here when an `
 (`enable`) and they are training; their backward returns no parameter gradient to autograd but adds it to
 `ExactGradients`, whose `reduce` (in place of DDP's all-reduce) writes each parameter's `.grad`.
 
-One exception to "per image": oneDNN and MKL take another kernel for a batch of one image (a GEMV), whose bits
-differ, so a worker whose share of a step is one image runs its convolutions and the dense layer on that image
-twice and keeps one (`_twice`).
+Two exceptions to "per image", where the library picks its kernel by the batch's size: oneDNN takes another
+kernel for a convolution over one image, whose bits differ, so a worker whose share of a step is one image runs
+its convolutions on that image twice and keeps one (`_twice`); and MKL's fp32 GEMM rounds a row differently for
+different batch sizes on some CPUs (2 against 4 images on the Xeon with AMX, not on the AVX2 EPYC), so the dense
+layer's forward is an elementwise product summed over its inputs, one row per image, like its input gradient.
 """
 
 from __future__ import annotations
@@ -230,7 +232,9 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer):
         ctx.save_for_backward(x, weight)
         ctx.layer = layer
-        return _first(F.linear(*_twice(x), weight, bias), len(x))
+        # Row by row (B x classes x features, small): each image's logits independent of the batch's size.
+        out = (x.unsqueeze(1) * weight.unsqueeze(0)).sum(2)
+        return out if bias is None else out + bias
 
     @staticmethod
     def backward(ctx, grad_out):
