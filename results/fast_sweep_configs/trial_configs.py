@@ -10,13 +10,12 @@ folder was lost with a machine: trials 0-4 match what the sweep printed (docs/sw
 
 import sys
 
-import yaml
 from ray.tune.experiment import Experiment
 
 from distributed_resnet.sweeps.space import searcher
-from distributed_resnet.sweeps.spec import default_point
+from distributed_resnet.sweeps.spec import default_point, load_sweep
 
-spec = yaml.safe_load(open(sys.argv[1]))
+spec = load_sweep(sys.argv[1])  # read and checked as `tune` reads it
 spec.pop("max_concurrent_trials", None)  # the searcher would hand out one trial until the first one ends
 generator, space, _ = searcher(spec, default_point(spec), verbose=False)
 generator.add_configurations([Experiment("configs", run=lambda config: None, config=space,
