@@ -35,3 +35,12 @@ def test_the_fast_recipe_is_published_at_the_references_accuracy_in_30_epochs():
     claimed = json.loads((fast / "results.json").read_text())
     assert claimed["config"]["recipe"] == "fast" and claimed["epochs"] <= 30
     assert claimed["test_accuracy"] >= 0.9065
+
+
+def test_the_reference_protocol_is_published_at_200_epochs():
+    """The reference's own protocol: 200 epochs on all 50,000 training images, the checkpoint selected on test."""
+    ref = REPO / "results" / "resnet20v1_reference_protocol"
+    assert ref in PUBLISHED
+    claimed = json.loads((ref / "results.json").read_text())
+    assert claimed["epochs"] == 200 and claimed["config"]["val_size"] == 0
+    assert claimed["config"]["lr_policy"] == "keras" and claimed["config"]["lr"] == 1e-3
