@@ -44,7 +44,9 @@ def sweep(config_path: str, data_dir: str | None = None, storage_path: str = "~/
     num_workers, cpus_per_worker, gpus_per_worker or max_concurrent_trials (the `tune` flags of those names; not
     with `resume`). Each trial's results carry its Ray Train checkpoint as `metrics["checkpoint_path"]` (Ray's
     TuneReportCallback). best.json and trials.json (the winner, evaluated once on test, and every trial against
-    the default recipe) land in the sweep's folder."""
+    the default recipe) land in the sweep's folder. With a `confirm:` section the returned grid's
+    `.confirmation` is the confirmation stage's own ResultGrid (one result per configuration and seed; else None),
+    and best.json's `confirmation` holds the medians, spreads and verdict."""
     from .sweeps.spec import load_sweep, refuse_new_layout_on_resume
     from .sweeps.summary import write_summary
     from .sweeps.tuner import run_sweep

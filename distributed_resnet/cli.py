@@ -74,6 +74,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plateau-patience", type=int, default=d.plateau_patience, help="epochs (default %(default)s)")
     g.add_argument("--plateau-min-lr", type=float, default=d.plateau_min_lr, help="(default %(default)g)")
     g.add_argument("--plateau-cooldown", type=int, default=d.plateau_cooldown, help="epochs (default %(default)s)")
+    g.add_argument("--plateau-patience-fraction", type=float, default=None, metavar="F",
+                   help="patience as a fraction of --schedule-epochs, so it scales with the run (the reference's 5 "
+                        "of 200 is 0.025); instead of --plateau-patience")
+    g.add_argument("--plateau-cooldown-fraction", type=float, default=None, metavar="F",
+                   help="cooldown as a fraction of --schedule-epochs; instead of --plateau-cooldown")
     g.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction,
                    help="onecycle: the share of steps warming up (default %(default)s)")
     g.add_argument("--warmup-start-factor", type=float, default=d.warmup_start_factor,

@@ -59,6 +59,11 @@ class TrainConfig:
     plateau_patience: int = 5
     plateau_min_lr: float = 0.5e-6
     plateau_cooldown: int = 0
+    # The same two as fractions of schedule_epochs, so that they mean the same at any length (a sweep trial of 12
+    # epochs, the 200-epoch run): patience = round(fraction * schedule_epochs), at least 1. The reference's 5
+    # epochs of 200 is 0.025. Either form, not both.
+    plateau_patience_fraction: float | None = None
+    plateau_cooldown_fraction: float | None = None
     plateau_min_delta: float = 1e-4  # Keras' default for ReduceLROnPlateau
     warmup_fraction: float = 0.15  # onecycle: share of the steps spent warming up
     warmup_start_factor: float = 0.1  # onecycle: the first step's LR as a fraction of the peak
@@ -110,6 +115,19 @@ class TrainConfig:
             self.schedule_epochs = self.epochs
 
     @property
+    def patience_epochs(self) -> int:
+        """The plateau's patience in epochs: plateau_patience, or its fraction of schedule_epochs."""
+        if self.plateau_patience_fraction is None:
+            return self.plateau_patience
+        return max(1, round(self.plateau_patience_fraction * self.schedule_epochs))
+
+    @property
+    def cooldown_epochs(self) -> int:
+        if self.plateau_cooldown_fraction is None:
+            return self.plateau_cooldown
+        return round(self.plateau_cooldown_fraction * self.schedule_epochs)
+
+    @property
     def global_batch_size(self) -> int:
         if self.per_worker_batch_size:
             return self.per_worker_batch_size * max(1, self.num_workers)
@@ -159,6 +177,16 @@ class TrainConfig:
             raise UserError(f"--plateau-factor must be in (0, 1), got {self.plateau_factor}")
         if self.plateau_patience < 0 or self.plateau_cooldown < 0:
             raise UserError("--plateau-patience and --plateau-cooldown must be >= 0")
+        for key, low in (("plateau_patience", 0), ("plateau_cooldown", -1)):
+            fraction = getattr(self, f"{key}_fraction")
+            if fraction is None:
+                continue
+            if not low < fraction <= 1:
+                raise UserError(f"--{key.replace('_', '-')}-fraction must be in ({low}, 1] (of --schedule-epochs), "
+                                f"got {fraction}")
+            if getattr(self, key) != TrainConfig.__dataclass_fields__[key].default:
+                raise UserError(f"--{key.replace('_', '-')} (epochs) and --{key.replace('_', '-')}-fraction (of "
+                                f"--schedule-epochs) set the same thing: give one of them")
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.min_workers is not None:
@@ -191,7 +219,8 @@ class TrainConfig:
         policy = {"onecycle": f"one cycle over {self.schedule_epochs} epochs (warm-up {self.warmup_fraction:g} from "
                               f"{self.warmup_start_factor:g}x, {self.anneal} to {self.final_lr:g}), per step",
                   }.get(self.lr_policy, f"{self.lr_policy} steps over {self.schedule_epochs} epochs + plateau "
-                                        f"(factor {self.plateau_factor:.3g}, patience {self.plateau_patience})")
+                                        f"(factor {self.plateau_factor:.3g}, patience {self.patience_epochs}"
+                                        + (f", cooldown {self.cooldown_epochs}" if self.cooldown_epochs else "") + ")")
         optimizer = (f"SGD (momentum {self.momentum:g}{', Nesterov' if self.nesterov else ''})"
                      if self.optimizer == "sgd" else f"Adam (eps {self.adam_eps:g})")
         shifts = (f"{self.flip} flips + {self.shift} shifts up to {self.max_shift:g} of the side" if self.augment
@@ -213,7 +242,7 @@ class TrainConfig:
         return cls(**values)
 
 
-# What each recipe sets (any field the user leaves at None). Values for the fast recipe: anchors.md's short recipe
+# What each recipe sets (any field the user leaves at None). Values for the fast recipe: the short recipe of docs/recipe.md
 # (SGD-Nesterov, one cycle 0.015 -> 0.15 -> 0 over 30 epochs, decay 5e-4 = 2 x 2.5e-4 on weights only, label
 # smoothing 0.1, whole-pixel shifts of up to 4 px, PyTorch's padding and BatchNorm momentum).
 RECIPES = {

@@ -2,13 +2,15 @@
 recipe's one cycle (per step).
 
 In Keras, `LearningRateScheduler` sets the LR from the schedule at the start of every epoch, so a cut that
-`ReduceLROnPlateau` makes at the end of an epoch is overwritten before it acts (see anchors.md). Two
+`ReduceLROnPlateau` makes at the end of an epoch is overwritten before it acts (see docs/recipe.md). Two
 policies therefore:
 - "keras": the LR is the schedule alone; the plateau monitor still runs, and its (ineffective) cuts are logged.
 - "compose": each plateau cut persists as a multiplier on the schedule, which is what the recipe meant;
   `min_lr` is a floor under the product, as `ReduceLROnPlateau(min_lr=...)` promises.
 `schedule_epochs` N places the reference's steps at the same fractions of N (80/200, 120/200, ...), so a short
-run (a sweep trial) goes through the whole recipe in miniature; N = 200 is the reference exactly.
+run (a sweep trial) goes through the whole recipe in miniature; N = 200 is the reference exactly. The plateau's
+patience and cooldown can be given as fractions of N too (TrainConfig.patience_epochs), so that a setting found
+on a short run means the same at full length.
 `OneCycle` sets the LR at every step from the step's index in the run alone: a warm-up from
 `start_factor * peak` to the peak over the first `warmup_fraction` of the steps, then a linear or cosine decay
 to `final_lr` at the last step. A resumed run (even mid-epoch) continues at the same step, with nothing to restore.
@@ -60,8 +62,8 @@ class LRPolicy:
 
     @classmethod
     def from_config(cls, cfg) -> "LRPolicy":
-        return cls(cfg.lr, cfg.lr_policy, cfg.plateau_factor, cfg.plateau_patience, cfg.plateau_min_lr,
-                   cfg.plateau_cooldown, cfg.plateau_min_delta, cfg.schedule_epochs)
+        return cls(cfg.lr, cfg.lr_policy, cfg.plateau_factor, cfg.patience_epochs, cfg.plateau_min_lr,
+                   cfg.cooldown_epochs, cfg.plateau_min_delta, cfg.schedule_epochs)
 
     def lr(self, epoch: int) -> float:
         scheduled = step_schedule(epoch, self.base_lr, self.schedule_epochs)

@@ -15,7 +15,16 @@ from ..config import UserError
 from ..data import default_data_dir, find_source
 from ..preflight import guard_folder, storage_root
 from .schema import scheduler_spec, search_alg_spec
-from .spec import OVERRIDABLE, check_layout, default_notes, load_sweep, planned_trials, refuse_new_layout_on_resume
+from .spec import (OVERRIDABLE, check_layout, confirm_epochs, default_notes, load_sweep, planned_trials,
+                   refuse_new_layout_on_resume)
+
+
+def confirm_text(spec: dict) -> str:
+    c = spec.get("confirm")
+    if not c:
+        return ""
+    return (f"; then the top {c.get('top_k', 2)} and the default recipe, {c.get('seeds', 2)} fresh seeds each at "
+            f"{confirm_epochs(spec)} epochs")
 
 
 def main(argv=None) -> int:
@@ -45,7 +54,8 @@ def main(argv=None) -> int:
     data_dir = args.data_dir or (None if (spec.get("fixed") or {}).get("data_dir") else default_data_dir())
     name = args.name or spec.get("name") or f"tune_{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"sweep {name}: {planned_trials(spec, args.num_samples)} trials ({search_alg_spec(spec)['type']} search, "
-          f"{scheduler_spec(spec)['type']} scheduler; the first runs the default recipe) from {args.config}", flush=True)
+          f"{scheduler_spec(spec)['type']} scheduler; the first runs the default recipe) from {args.config}"
+          + confirm_text(spec), flush=True)
     for note in default_notes(spec):
         print(f"note: {note}", flush=True)
     # The layout, the sweep folder and the data, before the slow imports of torch and Ray (seconds).

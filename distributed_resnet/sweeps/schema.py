@@ -2,7 +2,8 @@
 
 Sections: `num_samples` (trials, the default-recipe trial included), `max_concurrent_trials`, `metric`/`mode`,
 `max_failures` (Tune's retries of a failed trial); `resources` per trial; `search_alg` (random, or optuna's TPE);
-`scheduler` (asha, pbt or none); `fixed` (training settings) and `search` (training settings as
+`scheduler` (asha, pbt or none); `target_epochs` (the full length the winner is for) and `confirm` (the
+re-run of the best configurations with fresh seeds); `fixed` (training settings) and `search` (training settings as
 `{loguniform|uniform|randint: [lo, hi]}` (randint inclusive), `{choice: [...]}` or `{grid: [...]}`).
 `search_alg_spec`/`scheduler_spec` give a section with the schema's defaults filled in. No Ray import here.
 """
@@ -89,8 +90,10 @@ class OptunaSearch(_Section):
 
 
 class ASHA(_Section):
+    """`grace_period` in epochs, or `grace_fraction` of the trials' schedule_epochs (the same at any length)."""
     type: Literal["asha"] = "asha"
-    grace_period: Annotated[int, _integer(1)] = 1
+    grace_period: Annotated[int, _integer(1)] | None = None  # default 1 epoch
+    grace_fraction: Annotated[float, _number(lambda v: 0 < v <= 1, "in (0, 1]")] | None = None
     reduction_factor: Annotated[float, _number(lambda v: v > 1, "a number above 1")] = 2
 
 
@@ -123,6 +126,14 @@ Scheduler = Annotated[Union[Annotated[ASHA, Tag("asha")], Annotated[PBT, Tag("pb
                                     custom_error_message="'asha', 'pbt' or 'none'")]
 
 
+class Confirm(_Section):
+    """After the search, the `top_k` best configurations and the default recipe, each with `seeds` fresh seeds
+    at `epochs` (default: the full length), as Tune trials; the winner is the best median."""
+    top_k: Annotated[int, _integer(1)] = 2
+    seeds: Annotated[int, _integer(1)] = 2
+    epochs: Annotated[int, _integer(1)] | None = None
+
+
 class SweepFile(_Section):
     """The YAML (see tune_configs/): what to search, how, and on what."""
     name: str | None = None
@@ -134,6 +145,8 @@ class SweepFile(_Section):
     resources: Resources = Resources()
     search_alg: SearchAlg = RandomSearch()
     scheduler: Scheduler = ASHA()
+    target_epochs: Annotated[int, _integer(1)] | None = None  # the full length (default: the recipe's epochs)
+    confirm: Confirm | None = None
     fixed: dict[str, Any] = {}
     search: dict[str, Annotated[dict, PlainValidator(_distribution)]] = {}
 
@@ -170,6 +183,8 @@ def _section_at(loc: tuple):
         return SweepFile
     if loc[0] == "resources":
         return Resources
+    if loc[0] == "confirm":
+        return Confirm
     return (SCHEDULERS if loc[0] == "scheduler" else SEARCH_ALGS)[loc[1]]
 
 

@@ -15,7 +15,7 @@ from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from .spec import default_point, scheduler_spec, search_alg_spec, trial_config
+from .spec import default_point, grace_epochs, scheduler_spec, search_alg_spec, trial_config
 
 DRIVER_CPU = 0.01  # a trial's own process only waits on fit(): the Train workers hold the real CPUs and GPUs
 _RANGES = {"loguniform": lambda a: tune.loguniform(*a), "uniform": lambda a: tune.uniform(*a),
@@ -51,14 +51,15 @@ def searcher(spec: dict, point: dict, verbose: bool):
     return generator, search_space(spec), None
 
 
-def scheduler(spec: dict, epochs: int):
-    """The sweep's trial scheduler; metric and mode come from TuneConfig."""
+def scheduler(spec: dict, epochs: int, schedule_epochs: int | None = None):
+    """The sweep's trial scheduler; metric and mode come from TuneConfig. ASHA's grace period is
+    scheduler.grace_period epochs, or scheduler.grace_fraction of the trials' `schedule_epochs`."""
     sched = scheduler_spec(spec)
     if sched["type"] == "pbt":
         return pbt_scheduler(spec)
     if sched["type"] == "none":
         return FIFOScheduler()
-    return FinalEpochASHA(epochs, time_attr="epoch", max_t=epochs, grace_period=min(epochs, sched["grace_period"]),
+    return FinalEpochASHA(epochs, time_attr="epoch", max_t=epochs, grace_period=grace_epochs(sched, schedule_epochs or epochs, epochs),
                           reduction_factor=sched["reduction_factor"])
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..config import TrainConfig, UserError
+from ..config import RECIPES, TrainConfig, UserError
 from .schema import SweepFile, one_line, scheduler_spec, search_alg_spec
 
 RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
@@ -20,7 +20,12 @@ RANGES = ("loguniform", "uniform", "randint")  # the distributions given as [low
 # What PBT may change during a trial: the settings the loop reads from the config at every (re)start, rather
 # than from the checkpoint (the optimizer's own hyperparameters, weight decay included, are restored from it).
 MUTABLE = ("lr", "lr_policy", "plateau_factor", "plateau_patience", "plateau_cooldown", "plateau_min_lr",
-           "plateau_min_delta")
+           "plateau_min_delta", "plateau_patience_fraction", "plateau_cooldown_fraction")
+# Settings counted in epochs and their forms as a fraction of schedule_epochs: a sweep gives one or the other.
+FRACTIONAL = {"plateau_patience": "plateau_patience_fraction", "plateau_cooldown": "plateau_cooldown_fraction"}
+# Keys a full-length `train` command leaves out: where a run lives, and what the trials' layout decided.
+NOT_IN_COMMAND = ("storage_path", "name", "resume", "report_test", "data_dir", "download", "use_gpu", "min_workers",
+                  "init_weights", "epochs", "schedule_epochs")
 
 
 def flag(key: str) -> str:
@@ -123,9 +128,97 @@ def check_against_training(spec: dict, path: str) -> None:
         except ImportError:
             raise UserError(f"{path}: search_alg optuna needs the optuna package: "
                             f"pip install 'distributed-resnet[tune]'")
+    given = set(spec.get("fixed") or {}) | set(search)
+    for epochs_key, fraction_key in FRACTIONAL.items():
+        if {epochs_key, fraction_key} <= given:
+            raise UserError(f"{path}: {epochs_key} (epochs) and {fraction_key} (of schedule_epochs) set the same "
+                            f"thing: give one of them, preferably {fraction_key}")
     sched = scheduler_spec(spec)
+    if sched["type"] == "asha" and sched["grace_period"] is not None and sched["grace_fraction"] is not None:
+        raise UserError(f"{path}: scheduler.grace_period (epochs) and scheduler.grace_fraction (of schedule_epochs) "
+                        f"set the same thing: give one of them")
+    trials = TrainConfig.from_dict(base)
+    full = full_length(spec)
+    if full < trials.epochs:
+        raise UserError(f"{path}: target_epochs {full} is below the trials' {trials.epochs} epochs: the full length "
+                        f"is at least what the search runs")
+    _check_confirm(spec, sched, path, full)
     if sched["type"] == "pbt":
-        _check_pbt(spec, sched, path, TrainConfig.from_dict(base).epochs)
+        _check_pbt(spec, sched, path, trials.epochs)
+
+
+def full_length(spec: dict) -> int:
+    """The epochs the sweep's answer is for: `target_epochs`, else the recipe's (200 for keras, 30 for fast), or
+    the trials' own epochs where they run longer."""
+    trials = TrainConfig.from_dict(trial_config(spec, {}))
+    return spec.get("target_epochs") or max(RECIPES[trials.recipe]["epochs"], trials.epochs)
+
+
+def confirm_epochs(spec: dict) -> int:
+    return (spec.get("confirm") or {}).get("epochs") or full_length(spec)
+
+
+def _check_confirm(spec: dict, sched: dict, path: str, full: int) -> None:
+    confirm = spec.get("confirm")
+    if not confirm:
+        return
+    if sched["type"] == "pbt":
+        raise UserError(f"{path}: confirm re-runs configurations from scratch, and a PBT trial's configuration "
+                        f"changes as it trains: use scheduler asha or none with confirm")
+    others = planned_trials(spec) - 1
+    k = confirm.get("top_k", 2)
+    if k > others:
+        raise UserError(f"{path}: confirm.top_k {k} is more than the {others} searched trials (the default recipe "
+                        f"is confirmed anyway): lower top_k or raise num_samples")
+    epochs = confirm_epochs(spec)
+    if epochs > full:
+        raise UserError(f"{path}: confirm.epochs {epochs} is above the full length, {full} epochs (target_epochs, "
+                        f"else the recipe's): lower it or raise target_epochs")
+
+
+def grace_epochs(sched: dict, schedule_epochs: int, epochs: int) -> int:
+    """ASHA's grace period in epochs: grace_period, or grace_fraction of the trials' schedule_epochs."""
+    if sched.get("grace_fraction") is not None:
+        return min(epochs, max(1, round(sched["grace_fraction"] * schedule_epochs)))
+    return min(epochs, sched.get("grace_period") or 1)
+
+
+def at_length(spec: dict, values: dict, epochs: int) -> dict:
+    """A trial's settings run at `epochs` with the whole schedule (epochs = schedule_epochs = `epochs`).
+    Fractional settings carry over as they are; an epoch-counted patience or cooldown the sweep gave (in `fixed` or
+    `search`) is turned into its fraction of the trials' schedule, so it keeps its place in the run."""
+    trials = TrainConfig.from_dict(trial_config(spec, values))
+    given = set(spec.get("fixed") or {}) | set(spec.get("search") or {})
+    out = {**values, "epochs": epochs, "schedule_epochs": epochs}
+    for epochs_key, fraction_key in FRACTIONAL.items():
+        if epochs_key in given and epochs != trials.schedule_epochs:
+            counted = getattr(trials, epochs_key)
+            out.pop(epochs_key, None)
+            out[fraction_key] = counted / trials.schedule_epochs
+    return out
+
+
+def train_command(spec: dict, values: dict) -> str:
+    """The `train` command of a trial's settings (`at_length` for the full length): every setting that differs
+    from its recipe's default, plus the sweep's resources; add --data-dir and --storage-path to taste."""
+    cfg = TrainConfig.from_dict(trial_config(spec, values))
+    defaults = TrainConfig(recipe=cfg.recipe, epochs=cfg.epochs, schedule_epochs=cfg.schedule_epochs)
+    parts = ["python -m distributed_resnet.train", f"--epochs {cfg.epochs}"]
+    if cfg.schedule_epochs != cfg.epochs:
+        parts.append(f"--schedule-epochs {cfg.schedule_epochs}")
+    for key, value in cfg.to_dict().items():
+        if key in NOT_IN_COMMAND or (value == getattr(defaults, key) and key not in RESOURCE_KEYS[:2]):
+            continue
+        if key == "gpus_per_worker" and not cfg.use_gpu:
+            continue
+        if isinstance(value, bool):
+            if key in ("augment", "nesterov"):  # on by default: the flag turns them off
+                parts.append(f"--no-{key}")
+            elif value:
+                parts.append(flag(key))
+        elif value is not None:
+            parts.append(f"{flag(key)} {value!r}" if isinstance(value, float) else f"{flag(key)} {value}")
+    return " ".join(p for p in parts if p)
 
 
 def _check_pbt(spec: dict, sched: dict, path: str, epochs: int) -> None:
@@ -151,7 +244,11 @@ def _check_pbt(spec: dict, sched: dict, path: str, epochs: int) -> None:
 def default_point(spec: dict) -> dict:
     """The default recipe in the searched keys: TrainConfig's defaults, overridden by the YAML's `fixed`."""
     base = TrainConfig.from_dict(trial_config(spec, {}))
-    return {key: getattr(base, key) for key in (spec.get("search") or {})}
+    point = {key: getattr(base, key) for key in (spec.get("search") or {})}
+    for epochs_key, fraction_key in FRACTIONAL.items():  # the default's epochs as a fraction of the reference's 200
+        if fraction_key in point and point[fraction_key] is None:
+            point[fraction_key] = getattr(base, epochs_key) / RECIPES["keras"]["schedule_epochs"]
+    return point
 
 
 def default_notes(spec: dict) -> list[str]:

@@ -1,6 +1,7 @@
 """What a sweep leaves: its trials sorted by their best metric, the default trial marked, the winner's best
-checkpoint evaluated once on test (test never takes part in the selection), best.json, trials.json, the table and
-the default-vs-winner sentence."""
+checkpoint evaluated once on test (test never takes part in the selection), the winner carried to the full length
+as a `train` command, best.json, trials.json (with the confirmed runs, when there are), the table and the
+default-vs-winner sentence."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from .progress import creation_index, default_trial_id, fmt_metric
-from .spec import default_notes, default_point
-from .spec import scheduler_spec, trial_config
+from .spec import at_length, default_notes, default_point, full_length, scheduler_spec, train_command, trial_config
 
 
 def summarize_sweep(grid, spec, metric, mode, base: TrainConfig, exp_path: str, seconds: float) -> dict:
@@ -79,6 +79,11 @@ def summarize_sweep(grid, spec, metric, mode, base: TrainConfig, exp_path: str, 
                        "beats_default_by": (sign * (best[metric] - default[metric]) if default
                                             and default[metric] is not None else None),
                        "vs_default": out["vs_default"]}
+        full = full_length(spec)
+        command = train_command(spec, at_length(spec, best["config"], full))
+        out["best"]["full_length"] = {"epochs": full, "train_command": command}
+        out["best"]["recommended"] = {"candidate": f"search winner ({best['trial_id']}), unconfirmed",
+                                      "config": best["config"], "train_command": command}
     return out
 
 
@@ -164,7 +169,9 @@ def write_summary(summary: dict) -> None:
     from ..storage import write_file
 
     write_file(summary["experiment_path"], "best.json", json.dumps(summary["best"], indent=1).encode())
-    write_file(summary["experiment_path"], "trials.json", json.dumps(summary["trials"], indent=1).encode())
+    rows = [{"stage": "search", **t} for t in summary["trials"]]
+    rows += (summary.get("confirmation") or {}).get("runs", [])
+    write_file(summary["experiment_path"], "trials.json", json.dumps(rows, indent=1).encode())
 
 
 def print_outcome(summary: dict) -> None:
@@ -174,6 +181,12 @@ def print_outcome(summary: dict) -> None:
     print(f"best trial {best['trial_id']}: val accuracy {100 * best[summary['metric']]:.2f}% at epoch "
           f"{best['best_epoch']}, test accuracy {100 * best['test_accuracy']:.2f}% (evaluated once, after selection)")
     print(f"vs default: {summary['vs_default']}")
+    if summary.get("confirmation"):
+        from .confirm import print_confirmation
+
+        print_confirmation(summary["confirmation"])
+    else:
+        print(f"full length (unconfirmed): {best['full_length']['train_command']}")
     if "pbt_exploits" in summary:
         print(f"PBT: {summary['pbt_exploits']} exploit(s), logged in {summary['experiment_path']}/pbt_global.txt")
     print(f"best config and checkpoint: {summary['experiment_path']}/best.json  ({summary['wall_seconds']:.0f}s)",

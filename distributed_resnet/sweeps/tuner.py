@@ -19,6 +19,7 @@ from .. import checkpoint as ckpt
 from ..config import TrainConfig
 from ..preflight import guard_folder, storage_root
 from ..run import data_refs, init_ray, load_data
+from .confirm import candidates, run_confirmation, summarize_confirmation
 from .progress import ProgressLines
 from .space import driver_resources, scheduler, searcher
 from .spec import check_layout, default_point, grid_size, planned_trials, scheduler_spec, trial_config
@@ -28,7 +29,8 @@ from .trials import run_trial, run_trial_pbt
 
 def run_sweep(spec: dict, data_dir: str | None, storage_path: str, name: str, num_samples: int | None = None,
               resume: bool = False, address: str | None = None, verbose: bool = False):
-    """(Tune's ResultGrid, the project's summary) of the sweep `spec` (from `spec.load_sweep`)."""
+    """(Tune's ResultGrid, the project's summary) of the sweep `spec` (from `spec.load_sweep`). With `confirm:`,
+    the confirmation runs after the search, and its own ResultGrid is `grid.confirmation` (else None)."""
     root = storage_root(storage_path)
     sched = scheduler_spec(spec)
     check_layout(spec, root, num_samples)
@@ -54,7 +56,8 @@ def run_sweep(spec: dict, data_dir: str | None, storage_path: str, name: str, nu
         trainable = tune.with_parameters(run_trial, **common)
     head_cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes()
                       if n.get("Alive") and "node:__internal_head__" in n["Resources"]), None)
-    trainable = tune.with_resources(trainable, driver_resources(head_cpus, spec.get("max_concurrent_trials") or total))
+    resources = driver_resources(head_cpus, spec.get("max_concurrent_trials") or total)
+    trainable = tune.with_resources(trainable, resources)
     t0 = time.time()
     if resume:
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -64,8 +67,9 @@ def run_sweep(spec: dict, data_dir: str | None, storage_path: str, name: str, nu
         tuner = tune.Tuner(
             trainable,
             param_space=space,
-            tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler(spec, base.epochs),
-                                        search_alg=search_alg, num_samples=n, max_concurrent_trials=limit),
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=search_alg, num_samples=n,
+                                        scheduler=scheduler(spec, base.epochs, base.schedule_epochs),
+                                        max_concurrent_trials=limit),
             run_config=tune.RunConfig(
                 name=name, storage_path=root, verbose=1 if verbose else 0,
                 callbacks=[ProgressLines(metric, mode, base.epochs, point, total, sched["type"])],
@@ -74,4 +78,18 @@ def run_sweep(spec: dict, data_dir: str | None, storage_path: str, name: str, nu
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if sched["type"] == "pbt" else None)),
         )
     grid = tuner.fit()
-    return grid, summarize_sweep(grid, spec, metric, mode, base, exp_path, time.time() - t0)
+    summary = summarize_sweep(grid, spec, metric, mode, base, exp_path, time.time() - t0)
+    grid.confirmation = None  # the confirmation's own ResultGrid, when the sweep has one
+    if spec.get("confirm") and summary.get("best") is not None:
+        t1 = time.time()
+        cands = candidates(summary, spec)
+        stage = {**common, "trials_root": f"{exp_path}/confirm_trials"}
+        del stage["spec"]
+        grid.confirmation = run_confirmation(spec, cands, exp_path, metric, mode, resume, resources, verbose, **stage)
+        confirmation = summarize_confirmation(grid.confirmation, cands, spec, metric, mode, base.data_dir,
+                                              exp_path, stage["trials_root"])
+        confirmation["wall_seconds"] = time.time() - t1
+        summary["confirmation"] = summary["best"]["confirmation"] = confirmation
+        if confirmation["recommended"]:
+            summary["best"]["recommended"] = confirmation["recommended"]
+    return grid, summary
