@@ -33,12 +33,17 @@ def write_sweep(tmp_path, mini_dir, **overrides) -> Path:
 
 
 def test_shipped_configs_pass_the_schema():
-    for name in ("smoke.yaml", "lr_plateau.yaml", "cpu_sweep.yaml"):
-        spec = load_sweep(str(REPO / "tune_configs" / name))
+    for path in sorted((REPO / "tune_configs").glob("*.yaml")):
+        spec = load_sweep(str(path))
         assert spec["metric"] == "val_accuracy" and "lr" in spec["search"]
+    for name in ("lr_plateau.yaml", "lr_plateau_cpu.yaml", "lr_plateau_full.yaml"):  # the mission's sweep: length-free
+        spec = load_sweep(str(REPO / "tune_configs" / name))
+        assert set(spec["search"]) >= {"lr", "lr_policy", "plateau_factor", "plateau_patience_fraction",
+                                       "plateau_cooldown_fraction"}
+        assert "grace_fraction" in spec["scheduler"] and not {"plateau_patience", "plateau_cooldown"} & set(
+            spec["search"])
+    assert load_sweep(str(REPO / "tune_configs" / "lr_plateau_full.yaml"))["confirm"]["epochs"] == 200
     spec = load_sweep(str(REPO / "tune_configs" / "lr_plateau.yaml"))
-    assert set(spec["search"]) >= {"lr", "lr_policy", "plateau_factor", "plateau_patience", "plateau_cooldown",
-                                   "plateau_min_lr"}
     assert spec["resources"]["gpus_per_worker"] < 1  # trials share a GPU
     assert trial_config(spec, {})["use_gpu"] is True
     assert spec["fixed"]["schedule_epochs"] == spec["fixed"]["epochs"]  # the whole recipe in miniature
