@@ -190,5 +190,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `distributed-resnet-bench` console script (the same as `python -m distributed_resnet.bench`)."""
     main_guard(main)
+
+
+if __name__ == "__main__":
+    console()

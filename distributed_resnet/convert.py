@@ -203,5 +203,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `distributed-resnet-convert` console script (the same as `python -m distributed_resnet.convert`)."""
     main_guard(main)
+
+
+if __name__ == "__main__":
+    console()

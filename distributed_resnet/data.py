@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import UserError
+from .config import UserError, default_data_dir  # noqa: F401  (default_data_dir: re-exported for the commands)
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SHAPE = (32, 32, 3)
@@ -46,10 +46,6 @@ class Cifar10:
     test: Split
     source: str
     val_is_test: bool = False
-
-
-def default_data_dir() -> str:
-    return os.environ.get("CIFAR10_DIR", "./data")
 
 
 def cache_dir() -> Path:

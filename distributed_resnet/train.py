@@ -35,5 +35,10 @@ def main(argv=None) -> int:
     return 1 if results["stopped"] or results["best_checkpoint"] is None else 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `distributed-resnet-train` console script (the same as `python -m distributed_resnet.train`)."""
     main_guard(main)
+
+
+if __name__ == "__main__":
+    console()

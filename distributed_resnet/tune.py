@@ -3,5 +3,10 @@
 from .cli import main_guard
 from .sweeps.cli import main
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `distributed-resnet-tune` console script (the same as `python -m distributed_resnet.tune`)."""
     main_guard(main)
+
+
+if __name__ == "__main__":
+    console()

@@ -271,19 +271,26 @@ def test_documented_commands_use_the_jobs_api_and_the_whole_lifecycle():
 # --- setup: the same pinned dependencies as pyproject.toml -----------------------------------------
 
 
-def test_setup_commands_pin_the_projects_ray(config):
+def test_setup_commands_install_exactly_the_drivers_ray(config):
+    """pyproject allows Ray's patch releases (~=2.60.0); a cluster must run the driver's exact version (Ray refuses
+    a driver of another version), so cluster.yaml pins ==, and that pin is the Ray installed here and allowed by
+    pyproject. Other dependencies: the same specifiers as pyproject."""
+    import ray
+
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     project = {Requirement(d).name.lower(): Requirement(d) for d in deps}
     installed = setup_requirements(config["setup_commands"])
     assert set(installed) == set(project), "setup_commands should install exactly pyproject's dependencies"
     ray_project, ray_setup = project["ray"], installed["ray"]
-    pins = [s for s in ray_project.specifier if s.operator == "=="]
-    assert pins, "pyproject.toml should pin Ray exactly"
-    assert str(ray_setup.specifier) == str(ray_project.specifier) == "==" + pins[0].version
+    assert [s.operator for s in ray_project.specifier] == ["~="], "pyproject.toml: a compatible-release Ray pin"
+    assert str(ray_setup.specifier) == f"=={ray.__version__}", "cluster.yaml must install the driver's Ray exactly"
+    assert ray_project.specifier.contains(ray.__version__)
     assert set(ray_project.extras) <= set(ray_setup.extras), "setup_commands drop one of pyproject's Ray extras"
     assert "default" in ray_setup.extras, "cluster nodes need ray[default]: dashboard, Jobs API, autoscaler"
+    assert f'"ray[default]=={ray.__version__}"' in CLUSTER_YAML.read_text().splitlines()[4]  # the driver's install
     for name, req in project.items():
-        assert str(installed[name].specifier) == str(req.specifier), f"{name}: {installed[name]} vs pyproject {req}"
+        if name != "ray":
+            assert str(installed[name].specifier) == str(req.specifier), f"{name}: {installed[name]} vs pyproject {req}"
 
 
 def test_setup_installs_the_synced_repository(config):
