@@ -1,4 +1,4 @@
-"""One place for every training knob, and the two recipes that set them.
+"""One place for every training knob; the two recipes that preset them are in `recipes.py`.
 
 `recipe="keras"` (the default) is the Keras reference: Adam, the 200-epoch step schedule, ReduceLROnPlateau.
 `recipe="fast"` is a one-cycle SGD recipe for 30 epochs (see `RECIPES`). A field left at None takes its
@@ -17,14 +17,12 @@ import math
 import os
 from dataclasses import dataclass, field
 
-
-class UserError(Exception):
-    """A mistake in what the user asked for: the CLIs print it as one line and exit with code 2."""
-
+from .errors import UserError
+from .recipes import RECIPES
 
 # Evaluation batch: the training batch. The logits do not depend on it (eval mode; the same bits from 64 to 1000 on
 # a 2-core EPYC), its speed does: there, 10,000 test images in fp32 took 18-22 s at 1000 and 8-9 s at 128
-# (results/eval_batch).
+# (experiments/eval_batch).
 EVAL_BATCH = 128
 
 
@@ -107,7 +105,7 @@ class TrainConfig:
     #                          with native bf16 (AMX / AVX512-BF16), else fp32; "fp32": plain eager steps;
     #                          "fp64": for verification (N workers compute exactly what one does)
     deterministic: bool = False  # fp32 numbers that do not depend on num_workers: every sum over the batch made
-    #                              independent of the split (exact.py); slower; needs precision fp32 and global BN
+    #                              independent of the split (deterministic.py); slower; needs precision fp32 and global BN
     eval_batch_size: int = EVAL_BATCH
     report_test: bool = True  # test accuracy every epoch; Tune trials turn it off (test is for the final pick only)
 
@@ -248,17 +246,6 @@ class TrainConfig:
         return cls(**values)
 
 
-# What each recipe sets (any field the user leaves at None). Values for the fast recipe: the short recipe of docs/recipe.md
-# (SGD-Nesterov, one cycle 0.015 -> 0.15 -> 0 over 30 epochs, decay 5e-4 = 2 x 2.5e-4 on weights only, label
-# smoothing 0.1, whole-pixel shifts of up to 4 px, PyTorch's padding and BatchNorm momentum).
-RECIPES = {
-    "keras": {"padding": "same", "bn_momentum": 0.01, "epochs": 200, "schedule_epochs": 200, "optimizer": "adam",
-              "lr": 1e-3, "weight_decay": 1e-4, "weight_decay_on": "conv", "label_smoothing": 0.0,
-              "lr_policy": "keras", "shift": "bilinear", "max_shift": 0.1, "flip": "random"},
-    "fast": {"padding": "symmetric", "bn_momentum": 0.1, "epochs": 30, "optimizer": "sgd", "lr": 0.15,
-             "weight_decay": 2.5e-4, "weight_decay_on": "weights", "label_smoothing": 0.1, "lr_policy": "onecycle",
-             "shift": "pixel", "max_shift": 0.125, "flip": "random"},
-}
 
 
 def _positive(**values: int) -> None:

@@ -1,4 +1,4 @@
-"""Every published run under results/ (results/in_progress excepted) still scores exactly what its results.json
+"""Every published run under results/ still scores exactly what its results.json
 claims, on the 10,000 test images."""
 
 import json

@@ -4,7 +4,7 @@
 # sweep tune_configs/fast_sweep.yaml (SWEEP_FLAGS: its 6 trials at once, 1/8 GPU each) beside them, all at once. Everything stops by STOP_AFTER seconds (SIGINT:
 # checkpoints are kept); logs, results.json and the newest and best checkpoint of every run come back in $OUT.
 set -u
-PLAN=${PLAN:-results/fast_recipe_h200/plan.txt}; GPU_SHARE=${GPU_SHARE:-0.04}; SWEEP=${SWEEP:-1}
+PLAN=${PLAN:-experiments/fast_recipe/h200/plan.txt}; GPU_SHARE=${GPU_SHARE:-0.04}; SWEEP=${SWEEP:-1}
 STOP_AFTER=${STOP_AFTER:-480}; SWEEP_CONFIG=${SWEEP_CONFIG:-tune_configs/fast_sweep.yaml}
 SWEEP_FLAGS=${SWEEP_FLAGS:---cpus-per-worker 1 --gpus-per-worker 0.125 --max-concurrent-trials 6}
 GPU_FLAGS=${GPU_FLAGS:---gpu --gpus-per-worker $GPU_SHARE}; EXTRA=${EXTRA:-}; NUM_CPUS=${NUM_CPUS:-16}
@@ -36,5 +36,5 @@ kill $watcher 2>/dev/null
 echo "runs ended after $(( $(date +%s) - t0 )) s"
 grep -h -E '^(best|test|summary|wall)|accuracy' /tmp/logs/*.log | tail -40
 snapshot
-python3 results/fast_recipe_h200/pack.py /tmp/runs "$OUT"
+python3 experiments/fast_recipe/h200/pack.py /tmp/runs "$OUT"
 ls -la "$OUT"

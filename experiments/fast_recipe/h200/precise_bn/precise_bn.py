@@ -1,7 +1,7 @@
 """Probe: recompute BatchNorm running statistics over the training split (Precise BN) and compare val/test.
 
 Ran as (stopped after the first two checkpoints; output in precise_bn.log):
-  .venv/bin/python results/fast_recipe_h200/precise_bn/precise_bn.py /work/runs_h200/runs/{preset_s0,preset_s1,preset_s2,bs64_s0,bs64_s1,bs64_s2}/checkpoint_epoch_0030 \
+  .venv/bin/python experiments/fast_recipe/h200/precise_bn/precise_bn.py /work/runs_h200/runs/{preset_s0,preset_s1,preset_s2,bs64_s0,bs64_s1,bs64_s2}/checkpoint_epoch_0030 \
       results/resnet20v1_fast
 Each BatchNorm's momentum is set to 1/(n+1) before batch n, so its running mean and (biased) variance end as the
 plain averages over the batches.

@@ -5,7 +5,7 @@ default point first, then BasicVariantGenerator's draws from `search_alg.seed`) 
 values in trial order. Written to recover the sixth trial of `tune_configs/fast_sweep.yaml`, whose experiment
 folder was lost with a machine: trials 0-4 match what the sweep printed (docs/sweeps.md).
 
-    python results/fast_sweep_configs/trial_configs.py tune_configs/fast_sweep.yaml
+    python experiments/fast_recipe/sweep_configs/trial_configs.py tune_configs/fast_sweep.yaml
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Time fp32 evaluation of the 10,000 test images at several batch sizes, with a published model, and check that the
 logits do not depend on the batch. Run from the repository root:
-    CIFAR10_DIR=../shared/cifar10 python results/eval_batch/time_eval_batch.py > results/eval_batch/time_eval_batch.log
+    CIFAR10_DIR=../shared/cifar10 python experiments/eval_batch/time_eval_batch.py > experiments/eval_batch/time_eval_batch.log
 """
 import os
 import platform

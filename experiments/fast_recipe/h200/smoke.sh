@@ -8,4 +8,4 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi -L; nproc; python3 -c 'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__, torch.cuda.get_device_name())'
 timeout 150 python3 -m distributed_resnet.train --gpu --num-workers 1 --recipe fast --flip alternate --epochs 2 \
     --data-dir .dstage/w/mini --storage-path /tmp/runs --name smoke 2>&1 | tee "$OUT/smoke.log"
-timeout 100 python3 results/fast_recipe_h200/gpu_share.py --procs 1 6 12 --batch 128 64 --steps 200 2>&1 | tee "$OUT/share.log"
+timeout 100 python3 experiments/fast_recipe/h200/gpu_share.py --procs 1 6 12 --batch 128 64 --steps 200 2>&1 | tee "$OUT/share.log"
