@@ -36,7 +36,7 @@ def pretrained_path(name: str) -> str:
         return name
     folder = RESULTS_DIR / PRETRAINED[name]
     if not (folder / "checkpoint.pt").is_file():
-        from .config import UserError
+        from .errors import UserError
 
         raise UserError(f"the shipped model {name!r} is not at {folder}: install from a clone of the repository "
                         f"(pip install -e .), or pass the path of its checkpoint folder")

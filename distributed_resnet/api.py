@@ -30,9 +30,9 @@ class TrainResult(ray.train.Result):
 
 def fit(config: TrainConfig, address: str | None = None, verbose: bool = False, quiet: bool = True) -> TrainResult:
     """Train one run of `config` (validated first) with Ray Train; `quiet=False` prints the per-epoch lines."""
-    from .run import train
+    from .driver import fit_run
 
-    result, summary = train(config.validate(), address=address, verbose=verbose, quiet=quiet)
+    result, summary = fit_run(config.validate(), address=address, verbose=verbose, quiet=quiet)
     fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.init}
     return TrainResult(**fields, summary=summary)
 

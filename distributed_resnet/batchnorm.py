@@ -19,18 +19,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import exact
+from . import deterministic
 
 
 class BatchNorm2d(nn.BatchNorm2d):
     process_group = None  # set by `use_global_statistics`; None: this worker's batch only
-    exact = None  # an exact.ExactGradients (`--deterministic`): sums that do not depend on the split
+    exact = None  # a deterministic.ExactGradients (`--deterministic`): sums that do not depend on the split
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
         if self.exact is not None:
-            return exact.batch_norm(x, self)
+            return deterministic.batch_norm(x, self)
         self.num_batches_tracked.add_(1)
         return _GlobalBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
                                       self.momentum, self.eps, self.process_group)

@@ -6,11 +6,11 @@ whole-pixel shifts and label smoothing):
 - `plain fp32`: the loop a user writes by hand: one process, eager fp32, the recipe's optimizer (the baseline row);
 - `plain bf16`: the same loop with bf16 autocast and channels_last (what bf16 alone gives; skipped on a CPU
   without native bf16, which emulates it at a fraction of fp32's speed);
-- `step`: the project's own epoch function (`loop.train_epoch`, `--precision auto`), one process; for the Keras
+- `step`: the project's own epoch function (`worker.train_epoch`, `--precision auto`), one process; for the Keras
   recipe with TF 'same' padding and with symmetric padding (what the reference's padding costs);
 - `ray`: the full Ray Train path (`run_training`, N workers, DDP), steady-state epochs, plus its wall time; with
   several workers once with per-worker BatchNorm statistics, once with the global BatchNorm (the default), and
-  once in fp32 with `--deterministic` (sums over the batch independent of N: `exact.py`).
+  once in fp32 with `--deterministic` (sums over the batch independent of N: `deterministic.py`).
 Each prints images/s, seconds per 45,000-image epoch and the ratio to `plain fp32`, and peak GPU memory on CUDA.
 Timing waits for the device (synchronize) before reading the clock, after warm-up steps.
 """
@@ -32,7 +32,7 @@ from .config import TrainConfig
 from .data import default_data_dir, load_cifar10
 from .device import use_bf16
 from .inference import images_to_tensor
-from .loop import Augment, EpochPlan, train_epoch
+from .worker import Augment, EpochPlan, train_epoch
 from .model import ResNet, param_groups
 from .optim import build_optimizer
 
@@ -111,7 +111,7 @@ def bench_step(images, labels, batch, device, steps, warmup, fast, cfg: TrainCon
 def bench_ray(data_dir, workers, batch, samples, epochs, use_gpu, batchnorm="global", recipe="keras",
               deterministic=False) -> tuple[float, float]:
     """(steady-state images/s of the last epoch, wall seconds of the whole run) for the Ray Train path."""
-    from .run import run_training
+    from .driver import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(recipe=recipe, num_workers=workers, batch_size=batch, epochs=epochs, data_dir=data_dir,

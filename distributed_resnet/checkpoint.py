@@ -17,7 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .config import UserError
+from .errors import UserError
 
 STATE_FILE = "checkpoint.pt"
 META_FILE = "meta.json"

@@ -6,7 +6,8 @@ import argparse
 import sys
 import warnings
 
-from .config import TrainConfig, UserError
+from .config import TrainConfig
+from .errors import UserError
 from .data import default_data_dir
 
 
@@ -33,7 +34,7 @@ def main_guard(main) -> None:
 
 def _preset(key: str, fmt: str = "{}") -> str:
     """'keras: X, fast: Y' for a field the recipes set."""
-    from .config import RECIPES
+    from .recipes import RECIPES
 
     return ", ".join(f"{name}: {fmt.format(values[key])}" for name, values in RECIPES.items())
 
@@ -143,6 +144,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "(BatchNorm statistics, weight and bias gradients, their all-reduce) is computed "
                         "independently of the split and rounded once (measured on CPUs); slower; needs --precision fp32")
     g.add_argument("--no-fast", dest="precision", action="store_const", const="fp32", help="alias of --precision fp32")
+    p.add_argument("--fast-dev-run", action="store_true",
+                   help="check the whole path in about a minute, as Lightning's fast_dev_run: 1 epoch on "
+                        f"{FAST_DEV_RUN['max_train_samples']} training images, {FAST_DEV_RUN['val_size']} val; "
+                        "the accuracy means nothing")
 
 
 def workers_arg(text: str):
@@ -156,9 +161,15 @@ def workers_arg(text: str):
         raise argparse.ArgumentTypeError(f"expected N or MIN:MAX, got {text!r}")
 
 
+# What --fast-dev-run shrinks a run to (the rest of the command stays as given).
+FAST_DEV_RUN = {"epochs": 1, "max_train_samples": 256, "val_size": 64}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = TrainConfig.__dataclass_fields__
     values = {k: v for k, v in vars(args).items() if k in fields}
+    if getattr(args, "fast_dev_run", False):
+        values.update(FAST_DEV_RUN)
     if isinstance(values.get("num_workers"), tuple):
         values["min_workers"], values["num_workers"] = values["num_workers"]
     return TrainConfig(**values)

@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 
 from .cli import Parser, main_guard
-from .config import UserError
+from .errors import UserError
 
 TOLERANCE = 1e-4  # max |difference| of the two models' outputs (probabilities or logits) on random images
 

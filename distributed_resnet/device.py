@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from .config import UserError
+from .errors import UserError
 
 PRECISIONS = ("auto", "bf16", "fp32", "fp64")
 

@@ -18,9 +18,10 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import storage
-from .config import TrainConfig, UserError
+from .config import TrainConfig
+from .errors import UserError
 from .data import Cifar10, load_cifar10
-from .loop import train_loop_per_worker
+from .worker import train_loop_per_worker
 from .preflight import check_before_start
 from .report import ProgressPrinter, QueueDrain, curves_png, summary_lines
 from .sharding import check_last_step_fits
@@ -219,10 +220,10 @@ def resolve_use_gpu(cfg: TrainConfig) -> bool:
 
 def run_training(cfg: TrainConfig, address: str | None = None, verbose: bool = False, quiet: bool = False) -> dict:
     """Train, then write results.json and curves.png into the run folder; returns the results dict."""
-    return train(cfg, address, verbose, quiet)[1]
+    return fit_run(cfg, address, verbose, quiet)[1]
 
 
-def train(cfg: TrainConfig, address: str | None = None, verbose: bool = False, quiet: bool = False):
+def fit_run(cfg: TrainConfig, address: str | None = None, verbose: bool = False, quiet: bool = False):
     """(Ray Train's Result, the project's results dict) of one run: checks, data, the TorchTrainer, outputs."""
     cfg, root, run_path, init_state = prepare_run(cfg)
     quiet_ray_logs(verbose)

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from .cli import Parser, main_guard
-from .config import EVAL_BATCH, UserError
+from .config import EVAL_BATCH
+from .errors import UserError
 from .data import CLASSES, default_data_dir
 
 

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from .cli import Parser, main_guard
-from .config import UserError
+from .errors import UserError
 from .data import default_data_dir
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from . import exact
+from . import deterministic
 from .batchnorm import BatchNorm2d
 
 NUM_CLASSES = 10
@@ -35,10 +35,10 @@ class Conv2d(nn.Conv2d):
 
     Where 'same' is symmetric (every stride-1 conv, every 1x1 conv here) the conv pads by itself; only a
     stride-2 3x3 conv on an even map pads its far side explicitly, one cheap `F.pad`. With `exact` set
-    (`--deterministic`), the weight and bias gradients are sums that do not depend on the split (`exact.py`).
+    (`--deterministic`), the weight and bias gradients are sums that do not depend on the split (`deterministic.py`).
     """
 
-    exact = None  # an exact.ExactGradients, set by exact.enable
+    exact = None  # a deterministic.ExactGradients, set by deterministic.enable
 
     def __init__(self, *args, same: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
@@ -57,18 +57,18 @@ class Conv2d(nn.Conv2d):
 
     def _conv(self, x: torch.Tensor, padding) -> torch.Tensor:
         if self.exact is not None and self.training:
-            return exact.conv2d(x, self, self.stride, padding)
+            return deterministic.conv2d(x, self, self.stride, padding)
         return F.conv2d(x, self.weight, self.bias, self.stride, padding)
 
 
 class Linear(nn.Linear):
-    """nn.Linear; with `exact` set (`--deterministic`), its gradients do not depend on the split (`exact.py`)."""
+    """nn.Linear; with `exact` set (`--deterministic`), its gradients do not depend on the split (`deterministic.py`)."""
 
     exact = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.exact is not None and self.training:
-            return exact.linear(x, self)
+            return deterministic.linear(x, self)
         return super().forward(x)
 
 

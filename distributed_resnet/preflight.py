@@ -2,7 +2,7 @@
 under a second, with its one-line error, before `train` imports them (seconds) and starts a cluster.
 
 Only what needs neither: the run's name, its folder (writable; there exactly when resuming, on remote storage
-too) and the data set's files. `run.prepare_run` calls the same checks, so `fit()` gets them too; a sweep's
+too) and the data set's files. `driver.prepare_run` calls the same checks, so `fit()` gets them too; a sweep's
 folder and data are checked by `sweeps.cli` here and again by `sweeps.tuner.run_sweep` (for `api.sweep`).
 """
 
@@ -13,7 +13,8 @@ import time
 
 from . import checkpoint as ckpt
 from . import storage
-from .config import TrainConfig, UserError
+from .config import TrainConfig
+from .errors import UserError
 from .data import find_source
 
 

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .config import UserError
+from .errors import UserError
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     cfg = config_from_args(args).validate()
     check_before_start(cfg)  # before the slow imports of torch and Ray (seconds)
     from .api import fit
-    from .run import Interrupted
+    from .driver import Interrupted
 
     try:
         results = fit(cfg, address=args.address, verbose=args.verbose, quiet=False).summary

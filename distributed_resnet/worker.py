@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from . import exact
+from . import deterministic
 from .augment import alternating_flips, draw_flip_shift, shift_images, to_float
 from .batchnorm import use_global_statistics
 from .config import TrainConfig
@@ -96,8 +96,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         model.load_state_dict(ray.get(init) if isinstance(init, ray.ObjectRef) else init)
     global_bn = cfg.batchnorm == "global" and world > 1
     exact_grads = None
-    if cfg.deterministic:  # sums over the batch that do not depend on the split (exact.py), in place of DDP
-        exact_grads = exact.enable(model, dist.group.WORLD if world > 1 else None)
+    if cfg.deterministic:  # sums over the batch that do not depend on the split (deterministic.py), in place of DDP
+        exact_grads = deterministic.enable(model, dist.group.WORLD if world > 1 else None)
         _broadcast_state(model, world)
         net = model
     else:
@@ -260,11 +260,11 @@ class EpochPlan:
 
 
 def train_epoch(net, optimizer, train, plan: EpochPlan, augment: Augment | None, fast, watch=None, lr_at=None,
-                smoothing: float = 0.0, exact_grads: exact.ExactGradients | None = None) -> tuple[torch.Tensor, int]:
+                smoothing: float = 0.0, exact_grads: deterministic.ExactGradients | None = None) -> tuple[torch.Tensor, int]:
     """One pass over this worker's share of the epoch: device sums (loss, correct) and the image count; no host
     sync inside. `augment`: flips and shifts, None for none. `watch`: a PreemptionWatch, told after every step.
     `lr_at(epoch, step)`: a per-step LR policy (one cycle), else the LR stays as set. `smoothing`: label smoothing.
-    `exact_grads`: `--deterministic` (`exact.py`): `net` is the bare model, its gradients summed exactly."""
+    `exact_grads`: `--deterministic` (`deterministic.py`): `net` is the bare model, its gradients summed exactly."""
     images, labels = train
     device = images.device
     dtype = next(net.parameters()).dtype  # fp32; fp64 in the tests that check the math of N workers exactly

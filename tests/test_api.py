@@ -18,7 +18,7 @@ RESULT_KEYS = {"test_accuracy", "final_test_accuracy", "best_val_accuracy", "bes
 def ray_here():
     import ray
 
-    from distributed_resnet.run import init_ray
+    from distributed_resnet.driver import init_ray
 
     init_ray(extra_cpus=1)  # 2 CPUs for the Train workers, 1 for the trial drivers: as `tune` starts it
     yield

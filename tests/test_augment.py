@@ -126,7 +126,7 @@ def test_alternate_flip_mirrors_each_image_in_every_other_epoch():
     mirrored as `first_flips` says in epoch 1, and the other way in epoch 2 and the same way again in epoch 3."""
     from distributed_resnet.augment import alternating_flips
     from distributed_resnet.inference import images_to_tensor
-    from distributed_resnet.loop import Augment, EpochPlan, train_epoch
+    from distributed_resnet.worker import Augment, EpochPlan, train_epoch
 
     n = 40
     images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8)

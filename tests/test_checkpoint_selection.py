@@ -3,7 +3,7 @@
 import pandas as pd
 
 from distributed_resnet import checkpoint as ckpt
-from distributed_resnet.sweeps.summary import best_row
+from distributed_resnet.sweeps.progress import best_row
 
 VAL = [0.5, 0.7, 0.7, 0.7]  # three epochs tied for best
 

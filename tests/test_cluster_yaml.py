@@ -196,7 +196,7 @@ def parse_train_command(monkeypatch, args: list[str]):
         return types.SimpleNamespace(summary={"stopped": None, "best_checkpoint": "s3://bucket/checkpoint"})
 
     monkeypatch.setitem(sys.modules, "distributed_resnet.api", types.SimpleNamespace(fit=fake_fit))
-    monkeypatch.setitem(sys.modules, "distributed_resnet.run", types.SimpleNamespace(
+    monkeypatch.setitem(sys.modules, "distributed_resnet.driver", types.SimpleNamespace(
         Interrupted=type("Interrupted", (Exception,), {})))
     monkeypatch.setattr(train, "check_before_start", lambda cfg: None)
     try:

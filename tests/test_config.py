@@ -1,6 +1,7 @@
 import pytest
 
-from distributed_resnet.config import TrainConfig, UserError
+from distributed_resnet.config import TrainConfig
+from distributed_resnet.errors import UserError
 
 
 def test_defaults_are_the_reference_recipe():
@@ -57,7 +58,7 @@ def test_from_dict_rejects_unknown_keys():
 def test_a_resume_keeps_the_recipe_of_a_checkpoint_older_than_its_setting():
     """Checkpoints from before --batchnorm trained with per-worker statistics: resuming one under the new default
     (global) would change the run, so it is refused; --batchnorm local continues it."""
-    from distributed_resnet.run import check_same_recipe
+    from distributed_resnet.driver import check_same_recipe
 
     saved = {k: v for k, v in TrainConfig(num_workers=2).to_dict().items() if k != "batchnorm"}
     with pytest.raises(UserError, match=r"--batchnorm local \(not global\)"):

@@ -14,7 +14,8 @@ import yaml
 
 from conftest import REPO, kill_with_everything_it_started, run_cli
 from distributed_resnet.cli import Parser, add_train_args, config_from_args
-from distributed_resnet.config import TrainConfig, UserError
+from distributed_resnet.config import TrainConfig
+from distributed_resnet.errors import UserError
 from distributed_resnet.schedule import LRPolicy
 from distributed_resnet.sweeps.confirm import verdict_of
 from distributed_resnet.sweeps.spec import (at_length, default_point, full_length, grace_epochs, load_sweep,

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distributed_resnet.config import UserError
+from distributed_resnet.errors import UserError
 from distributed_resnet.data import _write_cache, find_source, load_arrays, load_cifar10, stratified_split
 
 

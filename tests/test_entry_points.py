@@ -49,7 +49,7 @@ def test_the_default_pretrained_model_is_the_best_selected_on_val():
 
 def test_an_unknown_shipped_name_is_a_path_and_a_missing_one_a_clear_error(tmp_path):
     from distributed_resnet import load_pretrained
-    from distributed_resnet.config import UserError
+    from distributed_resnet.errors import UserError
 
     with pytest.raises(UserError):
         load_pretrained(str(tmp_path / "nothing"))

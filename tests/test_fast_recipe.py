@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from conftest import run_cli
 from distributed_resnet.cli import Parser, add_train_args, config_from_args
-from distributed_resnet.config import RECIPES, TrainConfig
+from distributed_resnet.config import TrainConfig
+from distributed_resnet.recipes import RECIPES
 from distributed_resnet.optim import build_optimizer, training_loss
 from distributed_resnet.schedule import OneCycle, lr_policy
 
@@ -78,7 +79,7 @@ def test_weight_decay_on_weights_spares_batchnorm_and_biases():
 def test_a_fast_run_resumed_half_way_continues_its_cycle_at_the_same_step(tmp_path, mini_dir):
     """A real `--recipe fast` run (local mode, fp64 so that equal means equal): 2 epochs at once, and 1 epoch then
     `--resume` for the second. The same LRs, and the same weights at the end: the cycle and SGD's momentum carry over."""
-    from distributed_resnet.run import run_training
+    from distributed_resnet.driver import run_training
 
     base = dict(recipe="fast", num_workers=0, data_dir=mini_dir, storage_path=str(tmp_path), max_train_samples=512,
                 val_size=100, depth=8, precision="fp64", schedule_epochs=2)

@@ -29,7 +29,7 @@ from conftest import run_cli  # noqa: E402
 
 from distributed_resnet.augment import shift_images  # noqa: E402
 from distributed_resnet.cli import main_guard  # noqa: E402
-from distributed_resnet.config import UserError  # noqa: E402
+from distributed_resnet.errors import UserError  # noqa: E402
 from distributed_resnet.convert import check_same_function, convert, keras_to_state_dict  # noqa: E402
 from distributed_resnet.convert import main as convert_main  # noqa: E402
 from distributed_resnet.data import load_arrays  # noqa: E402

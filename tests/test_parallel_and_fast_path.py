@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 
 from distributed_resnet.augment import to_float
 from distributed_resnet.inference import images_to_tensor
-from distributed_resnet.loop import Augment, EpochPlan, train_epoch
-from distributed_resnet.config import UserError
+from distributed_resnet.worker import Augment, EpochPlan, train_epoch
+from distributed_resnet.errors import UserError
 from distributed_resnet.sharding import check_last_step_fits, epoch_order, split, step_slice, steps_per_epoch
 from distributed_resnet.model import ResNet, param_groups
 
@@ -40,10 +40,10 @@ def _train_worker(rank, store_dir):
     """Every run of RUNS, one after another, in one group of 4 gloo processes: a run of `world` workers uses ranks
     0..world-1. Each run is the project's train_epoch, a step at a time for two epochs: the global loss of every
     step, then training-mode logits of a fixed batch (each worker its share) and the BatchNorm buffers."""
-    from distributed_resnet import exact
+    from distributed_resnet import deterministic
     from distributed_resnet.augment import alternating_flips
     from distributed_resnet.batchnorm import use_global_statistics
-    from distributed_resnet.loop import DDP_OPTIONS, EpochPlan
+    from distributed_resnet.worker import DDP_OPTIONS, EpochPlan
     from distributed_resnet.sharding import split
 
     torch.set_num_threads(1)
@@ -56,7 +56,7 @@ def _train_worker(rank, store_dir):
         model = ResNet()
         exact_grads = None
         if arithmetic == "exact":  # fp32, every sum over the batch in fp64 (the loop's --deterministic)
-            exact_grads, net = exact.enable(model, group if world > 1 else None), model
+            exact_grads, net = deterministic.enable(model, group if world > 1 else None), model
         else:
             if arithmetic == "fp64":  # the math of N workers against one, without fp32's rounding noise
                 model = model.double()
@@ -177,7 +177,7 @@ def test_ddp_gradients_stay_views_of_the_all_reduce_buckets(tmp_path):
     """The loop's DDP options are current ones, and with them train_epoch keeps every gradient the same view of DDP's
     buckets from step to step (it zeroes them in place: torch's DDP docstring says set_to_none defeats
     gradient_as_bucket_view, at the cost of an allocation and a copy per gradient and step)."""
-    from distributed_resnet.loop import DDP_OPTIONS
+    from distributed_resnet.worker import DDP_OPTIONS
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:

@@ -9,7 +9,7 @@ import torch
 from conftest import REPO
 from distributed_resnet import checkpoint as ckpt
 from distributed_resnet.augment import to_float
-from distributed_resnet.config import UserError
+from distributed_resnet.errors import UserError
 from distributed_resnet.device import cpu_has_native_bf16, local_device, use_bf16
 from distributed_resnet.inference import predict
 from distributed_resnet.model import ResNet, param_groups

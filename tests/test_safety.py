@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO, run_cli
 from distributed_resnet import checkpoint as ckpt
-from distributed_resnet.config import UserError
+from distributed_resnet.errors import UserError
 
 PUBLISHED = REPO / "results" / "resnet20v1"
 

@@ -5,12 +5,13 @@ import re
 
 import pytest
 
-from distributed_resnet.config import TrainConfig, UserError
+from distributed_resnet.config import TrainConfig
+from distributed_resnet.errors import UserError
 
 
 def test_local_mode_runs_in_process_and_resumes(tmp_path, mini_dir):
     """--num-workers 0: the loop runs in this process; checkpoints land in the run folder; --resume continues."""
-    from distributed_resnet.run import run_training
+    from distributed_resnet.driver import run_training
 
     base = dict(num_workers=0, data_dir=mini_dir, storage_path=str(tmp_path), name="local", max_train_samples=256,
                 val_size=100, num_to_keep=1)
@@ -45,7 +46,7 @@ def test_local_mode_runs_in_process_and_resumes(tmp_path, mini_dir):
 def test_a_run_restored_at_its_last_epoch_still_reports_it(tmp_path, mini_dir):
     """A run restored from its final epoch's checkpoint (a sweep trial whose driver died just after writing it)
     trains nothing, yet Ray's result, which Tune's trial is judged by, still carries that epoch's metrics."""
-    from distributed_resnet.run import build_trainer, data_refs, load_data, run_training
+    from distributed_resnet.driver import build_trainer, data_refs, load_data, run_training
 
     base = dict(num_workers=0, data_dir=mini_dir, storage_path=str(tmp_path), name="done", max_train_samples=256,
                 val_size=100, epochs=2)
@@ -63,7 +64,7 @@ def test_same_seed_same_run(tmp_path, mini_dir):
     """--seed fixes the initial weights, the split, the data order and the augmentation: two runs are identical."""
     import torch
 
-    from distributed_resnet.run import run_training
+    from distributed_resnet.driver import run_training
 
     runs = []
     for name in ("s1", "s2"):
@@ -85,7 +86,7 @@ def test_export_publishes_weights_that_reproduce_the_run(tmp_path, mini_dir):
     """`export` writes weights only (no optimizer), results, curves and an evaluation that matches the run exactly."""
     import distributed_resnet
     from distributed_resnet.export import export_run
-    from distributed_resnet.run import run_training
+    from distributed_resnet.driver import run_training
 
     results = run_training(TrainConfig(num_workers=0, epochs=1, data_dir=mini_dir, storage_path=str(tmp_path),
                                        name="run", max_train_samples=256, val_size=100), quiet=True)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, kill_with_everything_it_started, run_cli
-from distributed_resnet.config import UserError
+from distributed_resnet.errors import UserError
 from distributed_resnet.sweeps.space import driver_resources, search_space
 from distributed_resnet.sweeps.spec import (default_notes, default_point, load_sweep, planned_trials, scheduler_spec,
                                            trial_config)

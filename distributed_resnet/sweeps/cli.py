@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 
 from ..cli import Parser, main_guard
-from ..config import UserError
+from ..errors import UserError
 from ..data import default_data_dir, find_source
 from ..preflight import guard_folder, storage_root
 from .schema import scheduler_spec, search_alg_spec
-from .spec import (OVERRIDABLE, check_layout, confirm_epochs, default_notes, load_sweep, planned_trials,
-                   refuse_new_layout_on_resume)
+from .spec import (OVERRIDABLE, check_layout, confirm_epochs, default_notes, fast_dev_run, load_sweep,
+                   planned_trials, refuse_new_layout_on_resume)
 
 
 def confirm_text(spec: dict) -> str:
@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
     p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
     p.add_argument("--verbose", action="store_true", help="show Tune's and Ray's own progress output")
+    p.add_argument("--fast-dev-run", action="store_true",
+                   help="check the whole sweep in a few minutes: at most 2 trials of 1 epoch on 128 images, a "
+                        "confirmation of 1 seed x 1 epoch; the numbers mean nothing")
     g = p.add_argument_group("resources", "each replaces the YAML's value; the search stays the file's")
     g.add_argument("--num-workers", type=int, default=None, metavar="N", help="Train workers per trial (resources.num_workers)")
     g.add_argument("--cpus-per-worker", type=int, default=None, metavar="C", help="(resources.cpus_per_worker)")
@@ -49,6 +52,8 @@ def main(argv=None) -> int:
     overrides = {k: getattr(args, k) for k in OVERRIDABLE}
     refuse_new_layout_on_resume(overrides, args.resume)
     spec = load_sweep(args.config, overrides)
+    if args.fast_dev_run:
+        spec = fast_dev_run(spec, args.config)
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples must be a positive integer, got {args.num_samples}")
     data_dir = args.data_dir or (None if (spec.get("fixed") or {}).get("data_dir") else default_data_dir())

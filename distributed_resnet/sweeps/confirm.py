@@ -17,7 +17,7 @@ import statistics
 from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from .progress import fmt_metric
+from .progress import best_row, fmt_metric
 from .spec import at_length, confirm_epochs, default_point, full_length, train_command, trial_config
 from .trials import run_trial
 
@@ -98,7 +98,6 @@ def summarize_confirmation(grid, cands: list[dict], spec: dict, metric: str, mod
     from .. import checkpoint as ckpt
     from ..evaluate import evaluate_checkpoint
     from ..storage import as_uri
-    from .summary import best_row
 
     sign = 1 if mode == "max" else -1
     runs = []

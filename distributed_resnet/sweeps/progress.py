@@ -33,6 +33,12 @@ def fmt_metric(metric: str, value) -> str:
     return f"{100 * value:.2f}%" if "accuracy" in metric else f"{value:.4f}"
 
 
+def best_row(df, metric: str, sign: int):
+    """The row with the best `metric`, the latest epoch on ties: the checkpoint Ray keeps of tied ones."""
+    scored = df[df[metric].notna()]
+    return scored.assign(_score=sign * scored[metric]).sort_values(["_score", "epoch"], kind="stable").iloc[-1]
+
+
 class ProgressLines(Callback):
     """One line per trial that ends: finished, stopped by the scheduler (ASHA), or failed; Tune's own tables stay
     off. A trial the scheduler stops gets `done=True` on the very result that stopped it, before callbacks see it;

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..config import RECIPES, TrainConfig, UserError
+from ..config import TrainConfig
+from ..errors import UserError
+from ..recipes import RECIPES
 from .schema import SweepFile, one_line, scheduler_spec, search_alg_spec
 
 RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
@@ -66,6 +68,19 @@ def load_sweep(path: str, overrides: dict | None = None) -> dict:
         raise UserError(f"{where}: {one_line(e, spec)}") from None
     check_against_training(spec, where)
     return spec
+
+
+def fast_dev_run(spec: dict, where: str) -> dict:
+    """The sweep at a size that checks its whole path in a few minutes (`tune --fast-dev-run`): at most 2 trials of
+    1 epoch on 128 training images, and a confirmation of the best and the default, 1 seed of 1 epoch."""
+    fixed = {**(spec.get("fixed") or {}), "epochs": 1, "max_train_samples": 128, "val_size": 64}
+    fixed.pop("schedule_epochs", None)
+    small = {**spec, "fixed": fixed, "num_samples": min(2, spec.get("num_samples", 1))}
+    small.pop("target_epochs", None)
+    if small.get("confirm"):
+        small["confirm"] = {"top_k": 1, "seeds": 1, "epochs": 1}
+    check_against_training(small, f"{where} with --fast-dev-run")
+    return small
 
 
 def trial_config(spec: dict, sampled: dict) -> dict:

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from ..config import TrainConfig
-from .progress import creation_index, default_trial_id, fmt_metric
+from .progress import best_row, creation_index, default_trial_id, fmt_metric
 from .spec import at_length, default_notes, default_point, full_length, scheduler_spec, train_command, trial_config
 
 
@@ -120,12 +120,6 @@ def _checkpoint_of(df, best, metric: str, sign: int) -> str | None:
         return None
     saved = df[df["checkpoint_path"].apply(lambda p: isinstance(p, str) and bool(p))]
     return best_row(saved, metric, sign)["checkpoint_path"] if len(saved) else None
-
-
-def best_row(df, metric: str, sign: int):
-    """The row with the best `metric`, the latest epoch on ties: the checkpoint Ray keeps of tied ones."""
-    scored = df[df[metric].notna()]
-    return scored.assign(_score=sign * scored[metric]).sort_values(["_score", "epoch"], kind="stable").iloc[-1]
 
 
 def vs_default_text(best: dict | None, default: dict | None, metric: str, sign: int, pbt: bool) -> str:

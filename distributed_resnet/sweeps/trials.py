@@ -22,8 +22,9 @@ import ray.train
 import ray.tune
 
 from .. import checkpoint as ckpt
-from ..config import TrainConfig, UserError
-from ..run import build_trainer
+from ..config import TrainConfig
+from ..errors import UserError
+from ..driver import build_trainer
 from .spec import trial_config
 
 

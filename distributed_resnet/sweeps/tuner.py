@@ -18,7 +18,7 @@ from ray import tune
 from .. import checkpoint as ckpt
 from ..config import TrainConfig
 from ..preflight import guard_folder, storage_root
-from ..run import data_refs, init_ray, load_data
+from ..driver import data_refs, init_ray, load_data
 from .confirm import candidates, run_confirmation, summarize_confirmation
 from .progress import ProgressLines
 from .space import driver_resources, scheduler, searcher
