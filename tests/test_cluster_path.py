@@ -5,6 +5,7 @@ by a local S3 server (moto) on 127.0.0.1, reached through pyarrow's real S3 file
 from __future__ import annotations
 
 import json
+import re
 import os
 import secrets
 import shutil
@@ -199,3 +200,44 @@ def test_a_run_on_s3_through_the_cluster(head, s3, tmp_path, mini_dir):
     from distributed_resnet import storage
 
     assert storage.has_files(f"{s3}/runs/r1") and not storage.has_files(f"{s3}/runs/big")
+
+
+def test_the_readme_cluster_section_runs_against_a_head_started_as_cluster_yaml_does(head, s3, tmp_path, mini_dir):
+    """The README's cluster commands, in order. `ray up`, `ray dashboard` and `ray down` need AWS: the `head`
+    fixture starts Ray as cluster.yaml's head_start_ray_commands do (test_cluster_yaml.py validates the file with
+    Ray's own schema). The rest runs as written, except what points at AWS or outgrows this 2-CPU, GPU-less head:
+    the Jobs address, the bucket and the data folder become local ones, `--gpu` becomes `--no-gpu`, a job gets 1
+    worker and 2 trials at a time, and `--fast-dev-run` shrinks it to a minute."""
+    import ray
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from readme_blocks import commands
+
+    pip, token, up, dashboard, export, train, tune, down = commands("Cluster")
+    assert pip[:2] == ["pip", "install"] and f"ray[default]=={ray.__version__}" in pip  # the driver's Ray
+    assert [up[:3], dashboard[:3], down[:3]] == [["ray", x, "cluster.yaml"] for x in ("up", "dashboard", "down")]
+
+    laptop = tmp_path / "laptop"
+    laptop.mkdir()
+    proc = subprocess.run([str(BIN / "ray"), *token[1:]], env={**os.environ, "HOME": str(laptop)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and (laptop / ".ray" / "auth_token").stat().st_size > 16, proc.stderr
+
+    assert export == ["export", "RAY_AUTH_MODE=token"]
+    env = {**head.env, "RAY_AUTH_MODE": "token"}
+    local = {"http://127.0.0.1:8265": head.jobs, "/home/ubuntu/cifar10": mini_dir, "--gpu": "--no-gpu"}
+
+    def submit(argv, *extra):
+        argv = [local.get(a, a).replace("s3://YOUR-BUCKET", s3) for a in argv]
+        proc = subprocess.run([str(BIN / "ray"), *argv[1:], *extra, "--fast-dev-run"], capture_output=True,
+                              text=True, env=env, timeout=600, cwd=REPO)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0 and "succeeded" in out, out[-3000:]
+        return out
+
+    workers = train.index("--num-workers")
+    train[workers + 1] = "1"
+    out = submit(train)
+    assert re.search(rf"results: {s3}/runs/resnet20v1_\S+/results.json", out), out[-2000:]
+    out = submit(tune, "--gpus-per-worker", "0", "--max-concurrent-trials", "2")
+    assert "best trial" in out and "full length (unconfirmed): python -m distributed_resnet.train --epochs 200" in out
