@@ -3,7 +3,7 @@
 The models take float images N x 3 x 32 x 32, RGB, in [0, 1] (no normalisation) and return N x 10 logits.
 """
 
-dependencies = ["torch"]
+dependencies = ["torch", "numpy"]
 
 
 def resnet20(pretrained: str | bool = "fast", device: str = "cpu"):

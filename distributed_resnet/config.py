@@ -181,13 +181,13 @@ class TrainConfig:
             raise UserError(f"--plateau-factor must be in (0, 1), got {self.plateau_factor}")
         if self.plateau_patience < 0 or self.plateau_cooldown < 0:
             raise UserError("--plateau-patience and --plateau-cooldown must be >= 0")
-        for key, low in (("plateau_patience", 0), ("plateau_cooldown", -1)):
+        for key, low in (("plateau_patience", 0), ("plateau_cooldown", 0)):
             fraction = getattr(self, f"{key}_fraction")
             if fraction is None:
                 continue
-            if not low < fraction <= 1:
-                raise UserError(f"--{key.replace('_', '-')}-fraction must be in ({low}, 1] (of --schedule-epochs), "
-                                f"got {fraction}")
+            if not (low < fraction <= 1 or (key == "plateau_cooldown" and fraction == 0)):
+                raise UserError(f"--{key.replace('_', '-')}-fraction must be in {'[' if low == -1 else '('}0, 1] (of "
+                                f"--schedule-epochs), got {fraction}")
             if getattr(self, key) != TrainConfig.__dataclass_fields__[key].default:
                 raise UserError(f"--{key.replace('_', '-')} (epochs) and --{key.replace('_', '-')}-fraction (of "
                                 f"--schedule-epochs) set the same thing: give one of them")

@@ -240,4 +240,4 @@ def test_the_readme_cluster_section_runs_against_a_head_started_as_cluster_yaml_
     out = submit(train)
     assert re.search(rf"results: {s3}/runs/resnet20v1_\S+/results.json", out), out[-2000:]
     out = submit(tune, "--gpus-per-worker", "0", "--max-concurrent-trials", "2")
-    assert "best trial" in out and "full length (unconfirmed): python -m distributed_resnet.train --epochs 200" in out
+    assert "best trial" in out and "full length (unconfirmed): python -m distributed_resnet.train --recipe keras --epochs 200" in out

@@ -48,6 +48,8 @@ def test_fractional_patience_and_cooldown_scale_with_the_schedule():
         TrainConfig(plateau_patience=3, plateau_patience_fraction=0.1).validate()
     with pytest.raises(UserError, match="must be in \\(0, 1\\]"):
         TrainConfig(plateau_patience_fraction=1.5).validate()
+    with pytest.raises(UserError, match="--plateau-cooldown-fraction must be in"):
+        TrainConfig(plateau_cooldown_fraction=-0.5).validate()
 
 
 def test_the_winner_at_full_length_is_a_train_command_that_parses_back(tmp_path):
@@ -57,9 +59,9 @@ def test_the_winner_at_full_length_is_a_train_command_that_parses_back(tmp_path)
     assert full_length(spec) == 200  # the keras recipe's
     winner = {"lr": 0.003, "lr_policy": "compose", "plateau_patience": 3}
     values = at_length(spec, winner, 200)
-    assert values["plateau_patience_fraction"] == 0.25 and "plateau_patience" not in values
+    assert values["plateau_patience_fraction"] == 0.25 and values["plateau_patience"] == 5  # the field's default
     command = train_command(spec, values)
-    assert command.startswith("python -m distributed_resnet.train --epochs 200 ")
+    assert command.startswith("python -m distributed_resnet.train --recipe keras --epochs 200 --schedule-epochs 200 ")
     parser = Parser()
     add_train_args(parser)
     parsed = config_from_args(parser.parse_args(command.split()[3:])).validate()
@@ -152,7 +154,7 @@ def test_confirmation_runs_as_tune_trials_and_resumes_without_rerunning(tmp_path
         assert c["spread_val_accuracy"] == pytest.approx(max(c["val_accuracys"]) - min(c["val_accuracys"]))
         assert 0 <= c["median_test_accuracy"] <= 1
     assert confirmation["verdict"] and isinstance(confirmation["beats_default"], bool)
-    assert best["recommended"]["train_command"].startswith("python -m distributed_resnet.train --epochs 200 ")
+    assert best["recommended"]["train_command"].startswith("python -m distributed_resnet.train --recipe keras --epochs 200 ")
     trials = json.loads((tmp_path / "c" / "trials.json").read_text())
     confirmed = [t for t in trials if t["stage"] == "confirm"]
     assert len([t for t in trials if t["stage"] == "search"]) == 2 and len(confirmed) == 4

@@ -72,7 +72,7 @@ def test_the_sweep_section_runs_as_written(user_dir):
     mini, smoke, confirmed = run_section("Sweep", folder, env)
     assert "wrote 2,000 train and 500 test images" in mini
     assert "best trial" in smoke and "vs default" in smoke
-    assert "verdict: " in confirmed and "full length: python -m distributed_resnet.train --epochs 200" in confirmed
+    assert "verdict: " in confirmed and "full length: python -m distributed_resnet.train --recipe keras --epochs 200" in confirmed
 
 
 def test_the_python_blocks_run_as_written():

@@ -208,7 +208,7 @@ def at_length(spec: dict, values: dict, epochs: int) -> dict:
     for epochs_key, fraction_key in FRACTIONAL.items():
         if epochs_key in given and epochs != trials.schedule_epochs:
             counted = getattr(trials, epochs_key)
-            out.pop(epochs_key, None)
+            out[epochs_key] = TrainConfig.__dataclass_fields__[epochs_key].default  # over fixed's epoch count
             out[fraction_key] = counted / trials.schedule_epochs
     return out
 
@@ -218,9 +218,8 @@ def train_command(spec: dict, values: dict) -> str:
     from its recipe's default, plus the sweep's resources; add --data-dir and --storage-path to taste."""
     cfg = TrainConfig.from_dict(trial_config(spec, values))
     defaults = TrainConfig(recipe=cfg.recipe, epochs=cfg.epochs, schedule_epochs=cfg.schedule_epochs)
-    parts = ["python -m distributed_resnet.train", f"--epochs {cfg.epochs}"]
-    if cfg.schedule_epochs != cfg.epochs:
-        parts.append(f"--schedule-epochs {cfg.schedule_epochs}")
+    parts = ["python -m distributed_resnet.train", f"--recipe {cfg.recipe}", f"--epochs {cfg.epochs}",
+             f"--schedule-epochs {cfg.schedule_epochs}"]
     for key, value in cfg.to_dict().items():
         if key in NOT_IN_COMMAND or (value == getattr(defaults, key) and key not in RESOURCE_KEYS[:2]):
             continue
