@@ -59,6 +59,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=("adam", "sgd"), default=None,
                    help=f"adam: Keras' Adam (eps 1e-7); sgd: momentum, Nesterov unless --no-nesterov ({_preset('optimizer')})")
     g.add_argument("--lr", type=float, default=None, help=f"Adam's initial LR, or the one cycle's peak ({_preset('lr', '{:g}')})")
+    g.add_argument("--adam-eps", type=float, default=d.adam_eps, help="Adam (default %(default)g, Keras')")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD (default %(default)s)")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov, help="SGD (default on)")
     g.add_argument("--weight-decay", type=float, default=None,
@@ -74,6 +75,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plateau-factor", type=float, default=d.plateau_factor, help="(default sqrt(0.1))")
     g.add_argument("--plateau-patience", type=int, default=d.plateau_patience, help="epochs (default %(default)s)")
     g.add_argument("--plateau-min-lr", type=float, default=d.plateau_min_lr, help="(default %(default)g)")
+    g.add_argument("--plateau-min-delta", type=float, default=d.plateau_min_delta,
+                   help="least gain that counts as progress (default %(default)g, Keras')")
     g.add_argument("--plateau-cooldown", type=int, default=d.plateau_cooldown, help="epochs (default %(default)s)")
     g.add_argument("--plateau-patience-fraction", type=float, default=None, metavar="F",
                    help="patience as a fraction of --schedule-epochs, so it scales with the run (the reference's 5 "
@@ -134,6 +137,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--storage-path", default=d.storage_path, help="local folder or s3:// URI (default %(default)s)")
     g.add_argument("--name", default=None, help="run folder name (default resnet<depth>v<version>_<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --storage-path/--name")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
+                   help="evaluation batch; does not change the numbers (default %(default)s)")
     g.add_argument("--num-to-keep", type=int, default=d.num_to_keep, help="checkpoints kept (default %(default)s)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32", "fp64"), default=d.precision,
                    help="bf16: autocast + channels_last + fused Adam; auto (default): bf16 on GPUs (compute "

@@ -1,7 +1,7 @@
 """One place for every training knob; the two recipes that preset them are in `recipes.py`.
 
 `recipe="keras"` (the default) is the Keras reference: Adam, the 200-epoch step schedule, ReduceLROnPlateau.
-`recipe="fast"` is a one-cycle SGD recipe for 30 epochs (see `RECIPES`). A field left at None takes its
+`recipe="fast"` is a one-cycle SGD recipe for 30 epochs (see `recipes.RECIPES`). A field left at None takes its
 recipe's value when the config is built, so an explicit value always wins over the preset, and a saved config
 holds every value the run resolved to.
 
@@ -33,7 +33,7 @@ def default_data_dir() -> str:
 
 @dataclass
 class TrainConfig:
-    recipe: str = "keras"  # "keras": the reference; "fast": one-cycle SGD in 30 epochs (RECIPES below)
+    recipe: str = "keras"  # "keras": the reference; "fast": one-cycle SGD in 30 epochs (recipes.RECIPES)
 
     # --- model (He et al. 2016, Keras `cifar10_resnet.py`) ---
     depth: int = 20  # v1: 6n+2 (20 -> 3 blocks per stage); v2: 9n+2 (bottleneck)

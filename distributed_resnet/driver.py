@@ -1,6 +1,6 @@
 """The driver side of a training run: checks, data, Ray, `TorchTrainer.fit()`, and the results it leaves.
 
-`train(cfg)` is what `api.fit` (and so `python -m distributed_resnet.train`) calls; a Tune trial builds its
+`fit_run(cfg)` is what `api.fit` (and so `python -m distributed_resnet.train`) calls; a Tune trial builds its
 trainer with `build_trainer` itself (`sweeps.trials`). Every user error is raised as `UserError` before the first
 worker starts.
 """
@@ -97,7 +97,8 @@ MAY_CHANGE_ON_RESUME = {"precision", "deterministic", "use_gpu", "gpus_per_worke
 
 
 # Settings that older checkpoints lack, at the value those runs trained with.
-RECIPE_BEFORE_ITS_KEY = {"batchnorm": "local", "flip": "random"}
+RECIPE_BEFORE_ITS_KEY = {"batchnorm": "local", "flip": "random",
+                         "plateau_patience_fraction": None, "plateau_cooldown_fraction": None}
 
 
 def check_same_recipe(saved: dict, cfg: TrainConfig, where: str) -> None:

@@ -69,6 +69,20 @@ def evaluate_checkpoint(checkpoint: str, data_dir: str, batch: int = EVAL_BATCH,
     }
 
 
+def test_accuracy_of(checkpoint: str, data_dir: str) -> float | None:
+    """A run's checkpoint (local path or URI, as Ray reports it) evaluated on test; None, with a one-line warning,
+    where the checkpoint is gone (a copied or pruned experiment folder), so a sweep's summary still completes."""
+    import ray.train
+
+    from .storage import has_files
+
+    if not has_files(checkpoint):
+        print(f"warning: no checkpoint at {checkpoint} any more; its test accuracy is left out", flush=True)
+        return None
+    with ray.train.Checkpoint(checkpoint).as_directory() as folder:
+        return evaluate_checkpoint(folder, data_dir)["test_accuracy"]
+
+
 def write_evaluation(r: dict, out: Path) -> Path:
     """The evaluation as JSON at `out`, and its confusion matrix as `<stem>_confusion.png` beside it."""
     import numpy as np

@@ -88,3 +88,17 @@ def write_file(folder: str, name: str, payload: bytes) -> None:
     fs.create_dir(inside, recursive=True)
     with fs.open_output_stream(f"{inside}/{name}") as f:
         f.write(payload)
+
+
+def read_file(folder: str, name: str) -> bytes | None:
+    """Read from a local folder or remote storage; None where the file is not there."""
+    if not is_remote(folder):
+        path = Path(folder) / name
+        return path.read_bytes() if path.is_file() else None
+    import pyarrow.fs
+
+    fs, inside = filesystem(folder)
+    if fs.get_file_info(f"{inside}/{name}").type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{inside}/{name}") as f:
+        return f.read()

@@ -4,6 +4,7 @@ the mini set with `confirm:`, killed during the confirmation and resumed."""
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -69,6 +70,23 @@ def test_the_winner_at_full_length_is_a_train_command_that_parses_back(tmp_path)
     assert parsed.epochs == parsed.schedule_epochs == 200 and parsed.patience_epochs == 50
     assert all(getattr(parsed, k) == getattr(wanted, k) for k in ("lr", "lr_policy", "plateau_patience_fraction",
                                                                   "val_size", "num_workers", "cpus_per_worker"))
+    # The default recipe's patience (TrainConfig's 5) is the reference's 5 of 200 epochs, not 5 of the trials' 12.
+    default = at_length(spec, {"lr": 1e-3, "lr_policy": "keras", "plateau_patience": 5}, 200, default=True)
+    assert TrainConfig.from_dict(trial_config(spec, default)).patience_epochs == 5
+    assert TrainConfig.from_dict(trial_config(spec, at_length(spec, default, 20, default=True))).patience_epochs == 1
+
+
+def test_a_full_length_command_keeps_every_setting_with_a_flag_and_drops_the_search_subset(tmp_path):
+    path = sweep_file(tmp_path, fixed={"epochs": 6, "max_train_samples": 20000, "adam_eps": 1e-8,
+                                       "plateau_min_delta": 0.0, "eval_batch_size": 500})
+    spec = load_sweep(str(path))
+    command = train_command(spec, at_length(spec, {"lr": 0.002}, 200))
+    assert "--max-train-samples" not in command  # the answer is for the whole training set
+    parser = Parser()
+    add_train_args(parser)
+    parsed = config_from_args(parser.parse_args(command.split()[3:])).validate()
+    assert (parsed.adam_eps, parsed.plateau_min_delta, parsed.eval_batch_size, parsed.lr) == (1e-8, 0.0, 500, 0.002)
+    assert parsed.max_train_samples is None and parsed.epochs == 200
 
 
 def test_fractions_in_a_sweep_file(tmp_path):
@@ -106,15 +124,27 @@ def test_bad_confirm_and_fraction_settings_are_one_line_errors_before_ray(tmp_pa
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
 
 
+def _candidate(name: str, *vals: float | None) -> dict:
+    scored = [v for v in vals if v is not None]
+    return {"candidate": name, "default": name == "default recipe", "val_accuracys": scored,
+            "median_val_accuracy": statistics.median(scored) if scored else None,
+            "spread_val_accuracy": max(scored) - min(scored) if scored else None}
+
+
 def test_the_verdict_needs_a_lead_larger_than_the_seed_spread():
-    default = {"candidate": "default recipe", "median_val_accuracy": 0.90, "spread_val_accuracy": 0.004}
-    close = {"candidate": "search #1", "median_val_accuracy": 0.903, "spread_val_accuracy": 0.002}
-    clear = {"candidate": "search #2", "median_val_accuracy": 0.91, "spread_val_accuracy": 0.002}
-    text, pick = verdict_of(close, default, "val_accuracy", 1)
-    assert pick is default and "no more than the seeds' spread" in text and "use the default" in text
-    text, pick = verdict_of(clear, default, "val_accuracy", 1)
-    assert pick is clear and "beats the default recipe by more than the seeds' spread" in text
-    assert verdict_of(default, default, "val_accuracy", 1)[1] is default
+    default = _candidate("default recipe", 0.898, 0.902)
+    close = _candidate("search #1", 0.902, 0.904)
+    clear = _candidate("search #2", 0.909, 0.911)
+    text, pick, beats = verdict_of(close, default, "val_accuracy", 1)
+    assert pick is default and not beats and "no more than the seeds' spread" in text and "use the default" in text
+    text, pick, beats = verdict_of(clear, default, "val_accuracy", 1)
+    assert pick is clear and beats and "beats the default recipe by more than the seeds' spread" in text
+    assert verdict_of(default, default, "val_accuracy", 1)[1:] == (default, False)
+    # One seed each measures no spread: a lead of any size is unconfirmed.
+    text, pick, beats = verdict_of(_candidate("search #2", 0.95), _candidate("default recipe", 0.90), "val_accuracy", 1)
+    assert pick["default"] and not beats and "seeds >= 2" in text
+    # A default without a result confirms nothing against it.
+    assert verdict_of(clear, _candidate("default recipe", None), "val_accuracy", 1)[2] is False
 
 
 def test_confirmation_runs_as_tune_trials_and_resumes_without_rerunning(tmp_path, mini_dir):
@@ -145,7 +175,9 @@ def test_confirmation_runs_as_tune_trials_and_resumes_without_rerunning(tmp_path
     assert {p: p.stat().st_mtime_ns for p in finished.rglob("checkpoint.pt")} == stamp  # not trained again
     assert len(list(runs.iterdir())) == 4
     best = json.loads((tmp_path / "c" / "best.json").read_text())
+    picked = json.loads((tmp_path / "c" / "confirm_candidates.json").read_text())  # read back on --resume
     confirmation = best["confirmation"]
+    assert [c["candidate"] for c in confirmation["candidates"]] == [c["name"] for c in picked]
     assert confirmation["epochs"] == 2 and confirmation["seeds"] == [1, 2]
     assert [c["default"] for c in confirmation["candidates"]] == [False, True]
     for c in confirmation["candidates"]:

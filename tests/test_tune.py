@@ -81,6 +81,20 @@ def test_default_point_and_notes():
     assert planned_trials(spec) == 9 and planned_trials(spec, 1) == 3
 
 
+def test_fast_dev_run_shrinks_any_sweep_to_two_short_trials():
+    from distributed_resnet.sweeps.spec import fast_dev_run
+
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec.update(num_samples=5)
+    spec["search"]["lr_policy"] = {"grid": ["keras", "compose"]}
+    small = fast_dev_run(spec, "smoke.yaml")
+    assert planned_trials(small) == 2 and small["fixed"]["epochs"] == 1
+    spec["search"]["lr_policy"] = {"choice": ["keras", "compose"]}
+    spec.update(scheduler={"type": "pbt", "perturbation_interval": 2, "mutate": ["lr"]}, max_concurrent_trials=5)
+    small = fast_dev_run(spec, "smoke.yaml")  # PBT acts once: one epoch past its first perturbation
+    assert planned_trials(small) == 2 and small["fixed"]["epochs"] == 3
+
+
 def test_default_trial_marking_and_vs_default_text():
     from distributed_resnet.sweeps.progress import creation_index, default_trial_id
     from distributed_resnet.sweeps.space import clip_to_ranges

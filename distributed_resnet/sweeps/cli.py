@@ -15,8 +15,8 @@ from ..errors import UserError
 from ..data import default_data_dir, find_source
 from ..preflight import guard_folder, storage_root
 from .schema import scheduler_spec, search_alg_spec
-from .spec import (OVERRIDABLE, check_layout, confirm_epochs, default_notes, fast_dev_run, load_sweep,
-                   planned_trials, refuse_new_layout_on_resume)
+from .spec import (FAST_DEV_TRIALS, OVERRIDABLE, check_layout, confirm_epochs, default_notes, fast_dev_run,
+                   load_sweep, planned_trials, refuse_new_layout_on_resume)
 
 
 def confirm_text(spec: dict) -> str:
@@ -56,6 +56,8 @@ def main(argv=None) -> int:
         spec = fast_dev_run(spec, args.config)
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples must be a positive integer, got {args.num_samples}")
+    if args.fast_dev_run and args.num_samples:
+        args.num_samples = min(args.num_samples, FAST_DEV_TRIALS)
     data_dir = args.data_dir or (None if (spec.get("fixed") or {}).get("data_dir") else default_data_dir())
     name = args.name or spec.get("name") or f"tune_{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"sweep {name}: {planned_trials(spec, args.num_samples)} trials ({search_alg_spec(spec)['type']} search, "

@@ -11,13 +11,14 @@ evaluated once on test, for the record: test never takes part in the choice.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
 from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from .progress import best_row, fmt_metric
+from .progress import best_row, fmt_metric, trial_frame
 from .spec import at_length, confirm_epochs, default_point, full_length, train_command, trial_config
 from .trials import run_trial
 
@@ -35,6 +36,22 @@ def candidates(summary: dict, spec: dict) -> list[dict]:
     return out
 
 
+CANDIDATES_FILE = "confirm_candidates.json"
+
+
+def candidates_once(summary: dict, spec: dict, exp_path: str) -> list[dict]:
+    """The candidates, picked once: a resumed sweep re-reads the ones its confirmation started with, since the
+    search's summary (rebuilt from storage on resume) may order tied or re-reported trials differently."""
+    from ..storage import read_file, write_file
+
+    saved = read_file(exp_path, CANDIDATES_FILE)
+    if saved is not None:
+        return json.loads(saved)
+    cands = candidates(summary, spec)
+    write_file(exp_path, CANDIDATES_FILE, json.dumps(cands, indent=1).encode())
+    return cands
+
+
 def seeds(spec: dict) -> list[int]:
     """Fresh seeds: the `seeds` after the one the search trained with."""
     base = trial_config(spec, {}).get("seed", 0)
@@ -43,7 +60,8 @@ def seeds(spec: dict) -> list[int]:
 
 def run_confirmed(params: dict, candidates: list[dict], epochs: int, spec: dict, **common) -> None:
     """One confirmed run: candidate `params["candidate"]` at `epochs`, with seed `params["seed"]`."""
-    values = {**at_length(spec, candidates[params["candidate"]]["values"], epochs), "seed": params["seed"]}
+    c = candidates[params["candidate"]]
+    values = {**at_length(spec, c["values"], epochs, default=c["default"]), "seed": params["seed"]}
     run_trial(values, spec, **common)
 
 
@@ -93,17 +111,15 @@ def summarize_confirmation(grid, cands: list[dict], spec: dict, metric: str, mod
                            exp_path: str, trials_root: str) -> dict:
     """Every confirmed run (best val, its epoch and checkpoint, that checkpoint's test accuracy), each candidate's
     median and spread, the winner by median and the verdict against the default."""
-    import ray.train
-
     from .. import checkpoint as ckpt
-    from ..evaluate import evaluate_checkpoint
+    from ..evaluate import test_accuracy_of
     from ..storage import as_uri
 
     sign = 1 if mode == "max" else -1
     runs = []
     for result in grid:
         c = cands[result.config["candidate"]]
-        df = result.metrics_dataframe
+        df = trial_frame(result)
         run = {"stage": "confirm", "candidate": c["name"], "default": c["default"], "seed": result.config["seed"],
                "trial_id": str(df["trial_id"].dropna().iloc[0]) if df is not None and "trial_id" in df else None,
                "epochs": 0, metric: None, "best_epoch": None, "test_accuracy": None, "checkpoint": None,
@@ -118,8 +134,7 @@ def summarize_confirmation(grid, cands: list[dict], spec: dict, metric: str, mod
             run.update({"epochs": int(df["epoch"].max()), metric: float(best[metric]),
                         "best_epoch": int(best["epoch"]), "checkpoint": as_uri(path, exp_path)})
             if run["checkpoint"]:
-                with ray.train.Checkpoint(run["checkpoint"]).as_directory() as folder:
-                    run["test_accuracy"] = evaluate_checkpoint(folder, data_dir)["test_accuracy"]
+                run["test_accuracy"] = test_accuracy_of(run["checkpoint"], data_dir)
         runs.append(run)
     order = {c["name"]: i for i, c in enumerate(cands)}
     runs.sort(key=lambda r: (order[r["candidate"]], r["seed"]))
@@ -140,33 +155,40 @@ def summarize_confirmation(grid, cands: list[dict], spec: dict, metric: str, mod
     scored = [t for t in table if t[f"median_{metric}"] is not None]
     winner = max(scored, key=lambda t: (sign * t[f"median_{metric}"], t["default"])) if scored else None
     default = table[-1]
-    verdict, recommended = verdict_of(winner, default, metric, sign)
+    verdict, recommended, beats = verdict_of(winner, default, metric, sign)
     return {"epochs": confirm_epochs(spec), "seeds": seeds(spec), "metric": metric, "candidates": table,
-            "runs": runs, "winner": winner and winner["candidate"], "verdict": verdict,
-            "beats_default": recommended is not default and recommended is not None,
+            "runs": runs, "winner": winner and winner["candidate"], "verdict": verdict, "beats_default": beats,
             "recommended": recommended and {
                 "candidate": recommended["candidate"], "config": recommended["config"],
-                "train_command": train_command(spec, at_length(spec, recommended["config"], full_length(spec)))}}
+                "train_command": train_command(spec, at_length(spec, recommended["config"], full_length(spec),
+                                                               default=recommended["default"]))}}
 
 
-def verdict_of(winner: dict | None, default: dict, metric: str, sign: int) -> tuple[str, dict | None]:
-    """(a sentence, the candidate to use): the winner only when it leads the default by more than the spread."""
+def verdict_of(winner: dict | None, default: dict, metric: str, sign: int) -> tuple[str, dict | None, bool]:
+    """(a sentence, the candidate to use, whether it beats the default): the winner only when it leads the default
+    by more than the spread, which takes at least 2 runs of each to measure."""
     m, s = f"median_{metric}", f"spread_{metric}"
     if winner is None:
-        return "no confirmed run reported a result", None
+        return "no confirmed run reported a result", None, False
     if default[m] is None:
-        return f"the default recipe's confirmed runs reported no {metric}; {winner['candidate']} leads", winner
+        return (f"the default recipe's confirmed runs reported no {metric}, so nothing was confirmed against it; "
+                f"{winner['candidate']} leads the others"), winner, False
     if winner is default:
         return (f"the default recipe has the best median {metric} ({fmt_metric(metric, default[m])}): "
-                f"use the default"), default
+                f"use the default"), default, False
     gain = sign * (winner[m] - default[m])
     spread = max(winner[s] or 0.0, default[s] or 0.0)
     both = (f"median {fmt_metric(metric, winner[m])} vs {fmt_metric(metric, default[m])}, seed spread "
             f"{100 * spread:.2f} points" if "accuracy" in metric else f"{winner[m]:.4f} vs {default[m]:.4f}")
+    runs = min(len(winner[f"{metric}s"]), len(default[f"{metric}s"]))
+    if runs < 2:
+        return (f"{winner['candidate']} leads the default recipe ({both}), but one run each cannot measure the "
+                f"seeds' spread: confirm with seeds >= 2; use the default"), default, False
     if gain > spread and not math.isclose(gain, spread):
-        return f"{winner['candidate']} beats the default recipe by more than the seeds' spread ({both})", winner
+        return (f"{winner['candidate']} beats the default recipe by more than the seeds' spread ({both})",
+                winner, True)
     return (f"{winner['candidate']} leads the default recipe by no more than the seeds' spread ({both}): "
-            f"the lead is noise at this number of seeds; use the default"), default
+            f"the lead is noise at this number of seeds; use the default"), default, False
 
 
 def print_confirmation(confirmation: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from ray.tune import Callback
 
@@ -37,6 +38,24 @@ def best_row(df, metric: str, sign: int):
     """The row with the best `metric`, the latest epoch on ties: the checkpoint Ray keeps of tied ones."""
     scored = df[df[metric].notna()]
     return scored.assign(_score=sign * scored[metric]).sort_values(["_score", "epoch"], kind="stable").iloc[-1]
+
+
+def trial_frame(result):
+    """A trial's reported rows. Tune prefers result.json, but when a trial restarts (PBT's pauses and exploits) it
+    restores that file from storage, which can lag behind and lose rows; progress.csv gets the same rows, so on
+    local storage the longer of the two wins."""
+    import pandas as pd
+
+    df = result.metrics_dataframe
+    csv = Path(result.path, "progress.csv") if "://" not in str(result.path) else None
+    if csv is not None and csv.is_file():
+        try:
+            other = pd.read_csv(csv, dtype={"trial_id": str}, float_precision="round_trip")
+        except (ValueError, pd.errors.EmptyDataError):
+            other = None
+        if other is not None and (df is None or len(other) > len(df)):
+            return other
+    return df
 
 
 class ProgressLines(Callback):

@@ -26,8 +26,9 @@ MUTABLE = ("lr", "lr_policy", "plateau_factor", "plateau_patience", "plateau_coo
 # Settings counted in epochs and their forms as a fraction of schedule_epochs: a sweep gives one or the other.
 FRACTIONAL = {"plateau_patience": "plateau_patience_fraction", "plateau_cooldown": "plateau_cooldown_fraction"}
 # Keys a full-length `train` command leaves out: where a run lives, and what the trials' layout decided.
+# The answer is for the whole training set, so a search on a subset (max_train_samples) does not carry over.
 NOT_IN_COMMAND = ("storage_path", "name", "resume", "report_test", "data_dir", "download", "use_gpu", "min_workers",
-                  "init_weights", "epochs", "schedule_epochs")
+                  "init_weights", "epochs", "schedule_epochs", "max_train_samples")
 
 
 def flag(key: str) -> str:
@@ -72,15 +73,22 @@ def load_sweep(path: str, overrides: dict | None = None) -> dict:
 
 def fast_dev_run(spec: dict, where: str) -> dict:
     """The sweep at a size that checks its whole path in a few minutes (`tune --fast-dev-run`): at most 2 trials of
-    1 epoch on 128 training images, and a confirmation of the best and the default, 1 seed of 1 epoch."""
-    fixed = {**(spec.get("fixed") or {}), "epochs": 1, "max_train_samples": 128, "val_size": 64}
+    1 epoch on 128 training images (PBT: one epoch past its first perturbation), a grid cut to its first value, and
+    a confirmation of the best and the default, 1 seed of 1 epoch."""
+    sched = scheduler_spec(spec)
+    epochs = sched["perturbation_interval"] + 1 if sched["type"] == "pbt" else 1
+    fixed = {**(spec.get("fixed") or {}), "epochs": epochs, "max_train_samples": 128, "val_size": 64}
     fixed.pop("schedule_epochs", None)
-    small = {**spec, "fixed": fixed, "num_samples": min(2, spec.get("num_samples", 1))}
+    search = {k: ({"grid": d["grid"][:1]} if "grid" in d else d) for k, d in (spec.get("search") or {}).items()}
+    small = {**spec, "fixed": fixed, "search": search, "num_samples": min(FAST_DEV_TRIALS, spec.get("num_samples", 1))}
     small.pop("target_epochs", None)
     if small.get("confirm"):
         small["confirm"] = {"top_k": 1, "seeds": 1, "epochs": 1}
     check_against_training(small, f"{where} with --fast-dev-run")
     return small
+
+
+FAST_DEV_TRIALS = 2  # the most trials `tune --fast-dev-run` runs, --num-samples included
 
 
 def trial_config(spec: dict, sampled: dict) -> dict:
@@ -198,18 +206,28 @@ def grace_epochs(sched: dict, schedule_epochs: int, epochs: int) -> int:
     return min(epochs, sched.get("grace_period") or 1)
 
 
-def at_length(spec: dict, values: dict, epochs: int) -> dict:
+def reference_schedule(recipe: str) -> int:
+    """The schedule a recipe's own epoch-counted defaults are meant for (the reference's 200 for keras)."""
+    return RECIPES[recipe].get("schedule_epochs", RECIPES[recipe]["epochs"])
+
+
+def at_length(spec: dict, values: dict, epochs: int, default: bool = False) -> dict:
     """A trial's settings run at `epochs` with the whole schedule (epochs = schedule_epochs = `epochs`).
     Fractional settings carry over as they are; an epoch-counted patience or cooldown the sweep gave (in `fixed` or
-    `search`) is turned into its fraction of the trials' schedule, so it keeps its place in the run."""
+    `search`) is turned into its fraction of the schedule it was counted on, so it keeps its place in the run: the
+    trials' schedule for a sampled or `fixed` value, the recipe's own (`reference_schedule`) for the `default`
+    candidate's value that came from TrainConfig's defaults (the reference's patience 5 is 5 of 200 epochs)."""
     trials = TrainConfig.from_dict(trial_config(spec, values))
-    given = set(spec.get("fixed") or {}) | set(spec.get("search") or {})
+    fixed = set(spec.get("fixed") or {})
+    given = fixed | set(spec.get("search") or {})
     out = {**values, "epochs": epochs, "schedule_epochs": epochs}
     for epochs_key, fraction_key in FRACTIONAL.items():
-        if epochs_key in given and epochs != trials.schedule_epochs:
+        counted_on = (reference_schedule(trials.recipe) if default and epochs_key not in fixed
+                      else trials.schedule_epochs)
+        if epochs_key in given and epochs != counted_on:
             counted = getattr(trials, epochs_key)
             out[epochs_key] = TrainConfig.__dataclass_fields__[epochs_key].default  # over fixed's epoch count
-            out[fraction_key] = counted / trials.schedule_epochs
+            out[fraction_key] = counted / counted_on
     return out
 
 
@@ -261,7 +279,7 @@ def default_point(spec: dict) -> dict:
     point = {key: getattr(base, key) for key in (spec.get("search") or {})}
     for epochs_key, fraction_key in FRACTIONAL.items():  # the default's epochs as a fraction of the reference's 200
         if fraction_key in point and point[fraction_key] is None:
-            point[fraction_key] = getattr(base, epochs_key) / RECIPES["keras"]["schedule_epochs"]
+            point[fraction_key] = getattr(base, epochs_key) / reference_schedule(base.recipe)
     return point
 
 

@@ -10,16 +10,14 @@ import math
 from pathlib import Path
 
 from ..config import TrainConfig
-from .progress import best_row, creation_index, default_trial_id, fmt_metric
+from .progress import best_row, creation_index, default_trial_id, fmt_metric, trial_frame
 from .spec import at_length, default_notes, default_point, full_length, scheduler_spec, train_command, trial_config
 
 
 def summarize_sweep(grid, spec, metric, mode, base: TrainConfig, exp_path: str, seconds: float) -> dict:
     """Trials sorted by their best `metric`; the default trial marked; the best trial's best checkpoint, evaluated
     once on test."""
-    import ray.train
-
-    from ..evaluate import evaluate_checkpoint
+    from ..evaluate import test_accuracy_of
     from ..storage import as_uri
 
     searched = list((spec.get("search") or {}).keys())
@@ -28,7 +26,7 @@ def summarize_sweep(grid, spec, metric, mode, base: TrainConfig, exp_path: str, 
     point = default_point(spec)
     trials = []
     for result in grid:
-        df = _trial_frame(result)
+        df = trial_frame(result)
         ids = df["trial_id"].dropna() if df is not None and "trial_id" in df else []
         # Under PBT, result.metrics can be the donor's (an exploit hands over its last result): the rows are not.
         trial_id = str(ids.iloc[0]) if len(ids) else (result.metrics or {}).get("trial_id") or Path(result.path).name
@@ -68,12 +66,11 @@ def summarize_sweep(grid, spec, metric, mode, base: TrainConfig, exp_path: str, 
     if pbt and exploits.is_file():
         out["pbt_exploits"] = len(exploits.read_text().splitlines())
     if best is not None:
-        with ray.train.Checkpoint(best["checkpoint"]).as_directory() as folder:
-            test = evaluate_checkpoint(folder, base.data_dir)
+        test_accuracy = test_accuracy_of(best["checkpoint"], base.data_dir)
         out["best"] = {"trial_id": best["trial_id"], "config": {**trial_config(spec, {}), **best["config"]},
                        "val_accuracy": best[metric] if metric == "val_accuracy" else None, metric: best[metric],
                        "best_epoch": best["best_epoch"], "checkpoint": best["checkpoint"],
-                       "test_accuracy": test["test_accuracy"], "is_default": best["default"],
+                       "test_accuracy": test_accuracy, "is_default": best["default"],
                        "default_trial_id": default and default["trial_id"],
                        f"default_{metric}": default and default[metric],
                        "beats_default_by": (sign * (best[metric] - default[metric]) if default
@@ -90,24 +87,6 @@ def summarize_sweep(grid, spec, metric, mode, base: TrainConfig, exp_path: str, 
 def _plain(value):
     """numpy scalars from a data frame as plain Python values (for JSON and for comparing with the default)."""
     return value.item() if hasattr(value, "item") else value
-
-
-def _trial_frame(result):
-    """A trial's reported rows. Tune prefers result.json, but when a trial restarts (PBT's pauses and exploits) it
-    restores that file from storage, which can lag behind and lose rows; progress.csv gets the same rows, so on
-    local storage the longer of the two wins."""
-    import pandas as pd
-
-    df = result.metrics_dataframe
-    csv = Path(result.path, "progress.csv") if "://" not in str(result.path) else None
-    if csv is not None and csv.is_file():
-        try:
-            other = pd.read_csv(csv, dtype={"trial_id": str}, float_precision="round_trip")
-        except (ValueError, pd.errors.EmptyDataError):
-            other = None
-        if other is not None and (df is None or len(other) > len(df)):
-            return other
-    return df
 
 
 def _checkpoint_of(df, best, metric: str, sign: int) -> str | None:
@@ -172,8 +151,10 @@ def print_outcome(summary: dict) -> None:
     """The table, then the winner (val, and test evaluated once after selection) against the default."""
     print_table(summary)
     best = summary["best"]
+    test = ("not evaluated (checkpoint gone)" if best["test_accuracy"] is None
+            else f"{100 * best['test_accuracy']:.2f}% (evaluated once, after selection)")
     print(f"best trial {best['trial_id']}: val accuracy {100 * best[summary['metric']]:.2f}% at epoch "
-          f"{best['best_epoch']}, test accuracy {100 * best['test_accuracy']:.2f}% (evaluated once, after selection)")
+          f"{best['best_epoch']}, test accuracy {test}")
     print(f"vs default: {summary['vs_default']}")
     if summary.get("confirmation"):
         from .confirm import print_confirmation

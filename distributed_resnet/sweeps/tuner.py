@@ -19,7 +19,7 @@ from .. import checkpoint as ckpt
 from ..config import TrainConfig
 from ..preflight import guard_folder, storage_root
 from ..driver import data_refs, init_ray, load_data
-from .confirm import candidates, run_confirmation, summarize_confirmation
+from .confirm import candidates_once, run_confirmation, summarize_confirmation
 from .progress import ProgressLines
 from .space import driver_resources, scheduler, searcher
 from .spec import check_layout, default_point, grid_size, planned_trials, scheduler_spec, trial_config
@@ -80,9 +80,15 @@ def run_sweep(spec: dict, data_dir: str | None, storage_path: str, name: str, nu
     grid = tuner.fit()
     summary = summarize_sweep(grid, spec, metric, mode, base, exp_path, time.time() - t0)
     grid.confirmation = None  # the confirmation's own ResultGrid, when the sweep has one
-    if spec.get("confirm") and summary.get("best") is not None:
+    ended = grid.num_terminated + grid.num_errors
+    if spec.get("confirm") and ended < len(grid):
+        # Interrupted (Ctrl-C leaves trials running or pending): a partial ranking would pick the candidates.
+        print(f"confirmation not started: the search ended {ended} of its {len(grid)} trials; "
+              f"run the same command with --resume to finish the search, then confirm", flush=True)
+        summary["search_unfinished"] = True
+    elif spec.get("confirm") and summary.get("best") is not None:
         t1 = time.time()
-        cands = candidates(summary, spec)
+        cands = candidates_once(summary, spec, exp_path)
         stage = {**common, "trials_root": f"{exp_path}/confirm_trials"}
         del stage["spec"]
         grid.confirmation = run_confirmation(spec, cands, exp_path, metric, mode, resume, resources, verbose, **stage)
