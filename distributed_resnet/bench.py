@@ -32,6 +32,7 @@ from .config import TrainConfig
 from .data import default_data_dir, load_cifar10
 from .device import use_bf16
 from .inference import images_to_tensor
+from .compiling import compile_for_training
 from .worker import Augment, EpochPlan, train_epoch
 from .model import ResNet, param_groups
 from .optim import build_optimizer
@@ -89,12 +90,14 @@ def bench_plain(images, labels, batch, device, steps, warmup, bf16: bool, cfg: T
     return steps * batch / (time.perf_counter() - t0)
 
 
-def bench_step(images, labels, batch, device, steps, warmup, fast, cfg: TrainConfig) -> float:
-    """images/s of the project's epoch function on one process."""
+def bench_step(images, labels, batch, device, steps, warmup, fast, cfg: TrainConfig, compiled=False) -> float:
+    """images/s of the project's epoch function on one process (`compiled`: `--compile`, compiled in warm-up)."""
     model = ResNet(padding=cfg.padding, bn_momentum=cfg.bn_momentum).to(device)
     if fast:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, cfg, fused=fast)
+    if compiled:
+        model = compile_for_training(model, warn=lambda text: print(f"  {text}", flush=True))
     train = images_to_tensor(images, device, fast), torch.from_numpy(labels).to(device)
     n = len(labels)
     augment = Augment(cfg.shift, cfg.max_shift)
@@ -109,14 +112,15 @@ def bench_step(images, labels, batch, device, steps, warmup, fast, cfg: TrainCon
 
 
 def bench_ray(data_dir, workers, batch, samples, epochs, use_gpu, batchnorm="global", recipe="keras",
-              deterministic=False) -> tuple[float, float]:
+              deterministic=False, compiled=False, cpus_per_worker=1) -> tuple[float, float]:
     """(steady-state images/s of the last epoch, wall seconds of the whole run) for the Ray Train path."""
     from .driver import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(recipe=recipe, num_workers=workers, batch_size=batch, epochs=epochs, data_dir=data_dir,
                           max_train_samples=samples, storage_path=tmp, name="bench", use_gpu=use_gpu, num_to_keep=1,
-                          batchnorm=batchnorm, deterministic=deterministic,
+                          batchnorm=batchnorm, deterministic=deterministic, compile=compiled,
+                          cpus_per_worker=cpus_per_worker,
                           precision="fp32" if deterministic else "auto")
         t0 = time.time()
         results = run_training(cfg, quiet=True)
@@ -132,6 +136,9 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: 2 on CPU, 1 on CUDA)")
     p.add_argument("--recipe", choices=("keras", "fast"), default="keras", help="the recipe's optimizer, padding and "
                    "augmentation in every row (default %(default)s)")
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="threads per Ray Train worker (default %(default)s)")
+    p.add_argument("--compile", action="store_true", help="add the --compile rows: the compiled step beside the "
+                   "eager one, and the Ray Train path with --compile")
     p.add_argument("--output", default=None, help="also write the table as JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -164,17 +171,32 @@ def main(argv=None) -> int:
     for padding in paddings:
         row(f"project step, 1 process ({'bf16' if fast else 'fp32'}, {padding} padding)",
             bench_step(images, labels, args.batch_size, device, steps, warmup, fast, replace(cfg, padding=padding)))
+    if args.compile:
+        eager = rows[-1][1]
+        row(f"project step, 1 process ({'bf16' if fast else 'fp32'}, {cfg.padding} padding), --compile",
+            bench_step(images, labels, args.batch_size, device, steps, warmup, fast, cfg, compiled=True))
+        print(f"  compiled / eager step: {rows[-1][1] / eager:.2f}x", flush=True)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if not cpu else None
     singles = len(rows)
-    for batchnorm, deterministic in (("local", False), ("global", False), ("global", True)) if workers > 1 \
-            else (("global", False), ("global", True)):
+    variants = (("local", False, False), ("global", False, False), ("global", True, False)) if workers > 1 \
+        else (("global", False, False), ("global", True, False))
+    ray_rows = {}
+    for batchnorm, deterministic, compiled in variants + ((("global", False, True),) if args.compile else ()):
         ips, wall = bench_ray(args.data_dir, workers, args.batch_size, ray_samples, ray_epochs, not cpu, batchnorm,
-                              args.recipe, deterministic)
+                              args.recipe, deterministic, compiled, args.cpus_per_worker)
+        ray_rows[(deterministic, compiled, batchnorm)] = ips
         what = {"local": ", per-worker BatchNorm", "global": ", global BatchNorm (the default)"}[batchnorm] \
             if workers > 1 else ""
         if deterministic:
             what = ", fp32 --deterministic"
+        if compiled:
+            what += ", --compile"
+        if args.cpus_per_worker > 1:
+            what += f", {args.cpus_per_worker} CPUs each"
         row(f"Ray Train path, {workers} worker{'s' if workers > 1 else ''}{what}", ips)
+    if args.compile:
+        print(f"  Ray Train path, --compile / eager: "
+              f"{ray_rows[(False, True, 'global')] / ray_rows[(False, False, 'global')]:.2f}x", flush=True)
     base, best_single = rows[0][1], max(ips for name, ips in rows[:singles])
     print(f"\n{'variant':<66} {'images/s':>10} {'s/epoch':>8} {'vs plain':>9} {'vs best 1-process':>18}")
     for name, ips in rows:

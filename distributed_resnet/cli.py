@@ -144,6 +144,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="bf16: autocast + channels_last + fused Adam; auto (default): bf16 on GPUs (compute "
                         "capability 8.0+) and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32; fp64: for "
                         "verification runs (N workers against one without fp32's rounding)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the training step (Inductor; measured 0.9-1.3x the eager step on 2-core CPUs with "
+                        "native bf16, docs/speed.md); a compile failure falls back to eager with a warning (default off)")
     g.add_argument("--deterministic", action="store_true",
                    help="fp32 numbers that do not depend on --num-workers, bit for bit: every sum over the batch "
                         "(BatchNorm statistics, weight and bias gradients, their all-reduce) is computed "

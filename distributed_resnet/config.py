@@ -106,6 +106,8 @@ class TrainConfig:
     #                          "fp64": for verification (N workers compute exactly what one does)
     deterministic: bool = False  # fp32 numbers that do not depend on num_workers: every sum over the batch made
     #                              independent of the split (deterministic.py); slower; needs precision fp32 and global BN
+    compile: bool = False  # torch.compile (Inductor) of the training forward + backward: 0.9-1.3x the eager step on
+    #                        2-core CPUs with native bf16 (docs/speed.md), not enough to make it the default
     eval_batch_size: int = EVAL_BATCH
     report_test: bool = True  # test accuracy every epoch; Tune trials turn it off (test is for the final pick only)
 
@@ -202,6 +204,9 @@ class TrainConfig:
         if self.deterministic and self.precision not in ("fp32", "fp64"):
             raise UserError(f"--deterministic computes in fp32: add --precision fp32 (not {self.precision}; bf16 "
                             f"autocast rounds each worker's share on its own)")
+        if self.deterministic and self.compile:
+            raise UserError("--deterministic reproduces its numbers bit for bit, which a compiled step (fused, "
+                            "reordered sums) does not promise: drop --compile")
         if self.deterministic and self.batchnorm != "global":
             raise UserError("--deterministic trains the same model on any number of workers, which per-worker "
                             "BatchNorm statistics do not: drop --batchnorm local")

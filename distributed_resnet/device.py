@@ -40,6 +40,19 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16"
 
 
+def precision_text(precision: str, gpu: bool, compiled: bool = False) -> str:
+    """What a run computes in, for its first line; on CPU workers as this machine's CPU decides (`auto`)."""
+    if precision != "auto":
+        what = precision
+    elif gpu:
+        what = "bf16 on GPUs of compute capability 8.0+, else fp32"
+    elif cpu_has_native_bf16():
+        what = "bf16 (this CPU has native bf16)"
+    else:
+        what = "fp32 (this CPU has no native bf16, which it would emulate slower than fp32)"
+    return f"precision {what}" + (", compiled step" if compiled else "")
+
+
 def cuda_has_native_bf16(capability: tuple[int, int]) -> bool:
     """bf16 tensor cores start with Ampere (compute capability 8.0); a T4 (7.5) or V100 (7.0) emulates bf16."""
     return tuple(capability) >= (8, 0)

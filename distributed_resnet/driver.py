@@ -21,6 +21,7 @@ from . import storage
 from .config import TrainConfig
 from .errors import UserError
 from .data import Cifar10, load_cifar10
+from .device import local_device, precision_text
 from .worker import train_loop_per_worker
 from .preflight import check_before_start
 from .report import ProgressPrinter, QueueDrain, curves_png, summary_lines
@@ -83,14 +84,12 @@ def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str, dict | None]:
         check_same_recipe(meta.get("config") or {}, cfg, latest)
     init_state = ckpt.load_weights(cfg.init_weights, cfg.depth, cfg.version, cfg.padding) if cfg.init_weights else None
     if cfg.num_workers == 0:
-        from .device import local_device
-
         local_device(cfg.use_gpu)  # --gpu without a GPU: say so before any work
     return cfg, root, run_path, init_state
 
 
 # What a resumed run may change: how and where it runs, not what it computes.
-MAY_CHANGE_ON_RESUME = {"precision", "deterministic", "use_gpu", "gpus_per_worker", "num_workers", "min_workers", "cpus_per_worker",
+MAY_CHANGE_ON_RESUME = {"precision", "compile", "deterministic", "use_gpu", "gpus_per_worker", "num_workers", "min_workers", "cpus_per_worker",
                         "max_failures", "preemption_check_steps",
                         "data_dir", "download", "storage_path", "name", "resume", "num_to_keep", "eval_batch_size",
                         "report_test", "init_weights", "epochs", "batch_size", "per_worker_batch_size"}
@@ -235,16 +234,18 @@ def fit_run(cfg: TrainConfig, address: str | None = None, verbose: bool = False,
     if local and storage.is_remote(run_path):
         raise UserError("--num-workers 0 writes its checkpoints straight into a local folder: use a local "
                         "--storage-path, or --num-workers 1 or more for remote storage")
+    gpu = local and local_device(cfg.use_gpu).type == "cuda"  # a Ray run: what the cluster has, below
     if not local:
         init_ray(address, verbose)
-        check_cluster_fits(cfg, resolve_use_gpu(cfg))
+        gpu = resolve_use_gpu(cfg)
+        check_cluster_fits(cfg, gpu)
     # The run folder (TensorBoard's first file) only once every check has passed: a refused start leaves nothing.
     printer = ProgressPrinter(cfg.epochs, stream=open(os.devnull, "w") if quiet else None,
                               tensorboard_dir=None if storage.is_remote(run_path) else run_path)
     if not quiet:
         print(f"run {cfg.name}: ResNet-{cfg.depth} v{cfg.version}, {len(data.train):,} train / {len(data.val):,} "
               f"{'test (as val)' if data.val_is_test else 'val'} / {len(data.test):,} test images from {data.source}, "
-              f"{workers_text(cfg)}, batch {cfg.global_batch_size}, "
+              f"{workers_text(cfg)}, batch {cfg.global_batch_size}, {precision_text(cfg.precision, gpu, cfg.compile)}, "
               f"folder {run_path}\n{cfg.recipe_text()}", flush=True)
     try:
         result = _fit(cfg, root, run_path, data, init_state, printer)

@@ -26,6 +26,7 @@ from . import checkpoint as ckpt
 from . import deterministic
 from .augment import alternating_flips, draw_flip_shift, shift_images, to_float
 from .batchnorm import use_global_statistics
+from .compiling import compile_for_training, unwrapped
 from .config import TrainConfig
 from .device import local_device, param_dtype, use_bf16
 from .inference import images_to_tensor, predict
@@ -105,6 +106,14 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         net = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=DDP_OPTIONS) \
             if world > 1 else model
 
+    if cfg.compile:  # around DDP: Dynamo splits the graph at the buckets' all-reduces (its DDPOptimizer)
+        def warn(text: str) -> None:
+            if rank == 0 and progress is not None:
+                _tell(progress, {"note": text})
+            elif rank == 0:
+                warnings.warn(text)
+
+        net = compile_for_training(net, warn)
     keeper = ckpt.LocalKeeper(loop_config["local_run_dir"], cfg.num_to_keep) if local_mode else None
     check_last_step_fits(n_train, cfg.global_batch_size, world)
     stopped = None
@@ -273,7 +282,7 @@ def train_epoch(net, optimizer, train, plan: EpochPlan, augment: Augment | None,
     _, _, h, w = images.shape
     # Under DDP with gradient_as_bucket_view the gradients are views of the all-reduce buckets: zeroing them in
     # place keeps them so; set_to_none would drop the views, and DDP would allocate and copy again every step.
-    set_to_none = not isinstance(net, torch.nn.parallel.DistributedDataParallel)
+    set_to_none = not isinstance(unwrapped(net), torch.nn.parallel.DistributedDataParallel)
     net.train()
     sums, count = torch.zeros(2, device=device, dtype=torch.float64), 0
     for step in range(plan.first_step, plan.stop_step):
