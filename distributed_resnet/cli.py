@@ -139,6 +139,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --storage-path/--name")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
                    help="evaluation batch; does not change the numbers (default %(default)s)")
+    g.add_argument("--test-every", type=int, default=d.test_every, metavar="K",
+                   help="evaluate test every K epochs and at the last; the best checkpoint gets its test accuracy at "
+                        "the end if its epoch had none (default %(default)s: every epoch)")
     g.add_argument("--num-to-keep", type=int, default=d.num_to_keep, help="checkpoints kept (default %(default)s)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32", "fp64"), default=d.precision,
                    help="bf16: autocast + channels_last + fused Adam; auto (default): bf16 on GPUs (compute "

@@ -110,6 +110,8 @@ class TrainConfig:
     #                        2-core CPUs with native bf16 (docs/speed.md), not enough to make it the default
     eval_batch_size: int = EVAL_BATCH
     report_test: bool = True  # test accuracy every epoch; Tune trials turn it off (test is for the final pick only)
+    test_every: int = 1  # test accuracy every k epochs and at the last: the 10,000 test images in fp32 are ~12% of
+    #                      a CPU epoch; the best checkpoint is evaluated on test at the end when its epoch had none
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -150,7 +152,7 @@ class TrainConfig:
                 f"--depth {self.depth} is not {step}n+2 for ResNet v{self.version}; try {near} or {near + step}"
             )
         _positive(epochs=self.epochs, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
-                  cpus_per_worker=self.cpus_per_worker, num_to_keep=self.num_to_keep)
+                  cpus_per_worker=self.cpus_per_worker, num_to_keep=self.num_to_keep, test_every=self.test_every)
         _positive_float(lr=self.lr, adam_eps=self.adam_eps, plateau_min_lr=self.plateau_min_lr)
         may_use_gpus = self.use_gpu is not False  # None: GPUs wherever the cluster has them
         if may_use_gpus and not 0 < self.gpus_per_worker <= 8:

@@ -91,7 +91,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str, dict | None]:
 # What a resumed run may change: how and where it runs, not what it computes.
 MAY_CHANGE_ON_RESUME = {"precision", "compile", "deterministic", "use_gpu", "gpus_per_worker", "num_workers", "min_workers", "cpus_per_worker",
                         "max_failures", "preemption_check_steps",
-                        "data_dir", "download", "storage_path", "name", "resume", "num_to_keep", "eval_batch_size",
+                        "data_dir", "download", "storage_path", "name", "resume", "num_to_keep", "eval_batch_size", "test_every",
                         "report_test", "init_weights", "epochs", "batch_size", "per_worker_batch_size"}
 
 
@@ -252,6 +252,11 @@ def fit_run(cfg: TrainConfig, address: str | None = None, verbose: bool = False,
     finally:
         printer.close()
     results = summarize(cfg, result, run_path, time.time() - t0, data.val_is_test)
+    if results["test_accuracy"] is None and results["best_checkpoint"] and cfg.report_test and not data.val_is_test:
+        from .evaluate import test_accuracy_of  # --test-every skipped the best epoch's test: evaluate it now
+
+        results["test_accuracy"] = test_accuracy_of(results["best_checkpoint"], cfg.data_dir)
+        results["wall_seconds"] = time.time() - t0
     write_outputs(run_path, results)
     if not quiet:
         for line in summary_lines(results):

@@ -110,6 +110,10 @@ class QueueDrain:
             self.printer.put(item)
 
 
+def _percent(x: float | None) -> str:
+    return "not evaluated" if x is None else f"{100 * x:.2f}%"
+
+
 def summary_lines(results: dict) -> list[str]:
     r = results
     lines = [f"finished {r['epochs']} epochs in {fmt_duration(r['wall_seconds'])} on {r['device']} "
@@ -117,7 +121,7 @@ def summary_lines(results: dict) -> list[str]:
              f"{r['train_images_per_second']:,.0f} train img/s)"]
     if r.get("best_epoch"):
         lines.append(f"best val accuracy {100 * r['best_val_accuracy']:.2f}% at epoch {r['best_epoch']}: "
-                     f"test accuracy {100 * r['test_accuracy']:.2f}% (last epoch: {100 * r['final_test_accuracy']:.2f}%)")
+                     f"test accuracy {_percent(r['test_accuracy'])} (last epoch: {_percent(r['final_test_accuracy'])})")
     if r.get("val_is_test"):
         lines.append("note: --val-size 0 selected the checkpoint on the test set, so its test accuracy is optimistic")
     if r.get("restarts"):
@@ -138,8 +142,11 @@ def curves_png(history: list[dict]) -> bytes:
     ep = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for split in ("train", "val", "test"):
-        axes[0].plot(ep, [h[f"{split}_loss"] for h in history], label=split)
-        axes[1].plot(ep, [100 * h[f"{split}_accuracy"] for h in history], label=split)
+        kept = [h for h in history if h.get(f"{split}_loss") is not None]  # test: not every epoch (--test-every)
+        if kept:
+            style = {"marker": "o"} if len(kept) < len(history) else {}
+            axes[0].plot([h["epoch"] for h in kept], [h[f"{split}_loss"] for h in kept], label=split, **style)
+            axes[1].plot([h["epoch"] for h in kept], [100 * h[f"{split}_accuracy"] for h in kept], label=split, **style)
     axes[0].set(title="loss (cross-entropy)", xlabel="epoch", yscale="log")
     axes[1].set(title="accuracy (%)", xlabel="epoch")
     axes[2].plot(ep, [h["lr"] for h in history])

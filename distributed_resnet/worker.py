@@ -151,7 +151,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         val_loss, val_acc = _all_reduce_means(evaluate(model, *splits["val"], cfg.eval_batch_size, rank, world), world)
         if val_is_test:
             test_loss, test_acc = val_loss, val_acc
-        elif not cfg.report_test:
+        elif not cfg.report_test or ((epoch + 1) % cfg.test_every and epoch + 1 < cfg.epochs):
             test_loss = test_acc = None
         else:
             test_loss, test_acc = _all_reduce_means(evaluate(model, *splits["test"], cfg.eval_batch_size, rank, world), world)

@@ -103,3 +103,19 @@ def test_export_publishes_weights_that_reproduce_the_run(tmp_path, mini_dir):
     assert not model.training and model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(UserError, match="already exists"):
         export_run(str(tmp_path / "run"), str(out), mini_dir)
+
+
+def test_test_every_skips_test_between_and_still_reports_the_best_checkpoints(tmp_path, mini_dir):
+    """--test-every 2 over 3 epochs: test at epochs 2 and 3 (the last) only; the run's test accuracy is still the
+    best-val checkpoint's, evaluated at the end if its epoch had none."""
+    from distributed_resnet.driver import run_training
+    from distributed_resnet.evaluate import evaluate_checkpoint
+
+    results = run_training(TrainConfig(num_workers=0, epochs=3, test_every=2, data_dir=mini_dir, val_size=100,
+                                       max_train_samples=256, storage_path=str(tmp_path), name="sparse"), quiet=True)
+    assert [h["test_accuracy"] is not None for h in results["history"]] == [False, True, True]
+    best = evaluate_checkpoint(results["best_checkpoint"], mini_dir)
+    assert results["test_accuracy"] == best["test_accuracy"]
+    assert (tmp_path / "sparse" / "curves.png").stat().st_size > 0
+    with pytest.raises(UserError, match="--test-every must be a positive integer"):
+        TrainConfig(test_every=0).validate()
