@@ -32,7 +32,7 @@ from .config import TrainConfig
 from .data import default_data_dir, load_cifar10
 from .device import use_bf16
 from .inference import images_to_tensor
-from .compiling import compile_for_training
+from .compiling import CompiledOrEager
 from .worker import Augment, EpochPlan, train_epoch
 from .model import ResNet, param_groups
 from .optim import build_optimizer
@@ -97,7 +97,7 @@ def bench_step(images, labels, batch, device, steps, warmup, fast, cfg: TrainCon
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, cfg, fused=fast)
     if compiled:
-        model = compile_for_training(model, warn=lambda text: print(f"  {text}", flush=True))
+        model = CompiledOrEager(model, warn=lambda text: print(f"  {text}", flush=True))
     train = images_to_tensor(images, device, fast), torch.from_numpy(labels).to(device)
     n = len(labels)
     augment = Augment(cfg.shift, cfg.max_shift)

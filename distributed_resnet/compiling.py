@@ -43,10 +43,6 @@ class CompiledOrEager(torch.nn.Module):
         self._warn(f"warning: torch.compile failed ({type(error).__name__}: {first}); training eagerly instead")
 
 
-def compile_for_training(net: torch.nn.Module, warn: Callable[[str], None], backend="inductor") -> CompiledOrEager:
-    return CompiledOrEager(net, warn, backend)
-
-
 def unwrapped(net: torch.nn.Module) -> torch.nn.Module:
     """The module under a `CompiledOrEager` (the DDP wrapper or the model), else `net`."""
     return net.eager if isinstance(net, CompiledOrEager) else net

@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from . import deterministic
 from .augment import alternating_flips, draw_flip_shift, shift_images, to_float
 from .batchnorm import use_global_statistics
-from .compiling import compile_for_training, unwrapped
+from .compiling import CompiledOrEager, unwrapped
 from .config import TrainConfig
 from .device import local_device, param_dtype, use_bf16
 from .inference import images_to_tensor, predict
@@ -113,7 +113,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             elif rank == 0:
                 warnings.warn(text)
 
-        net = compile_for_training(net, warn)
+        net = CompiledOrEager(net, warn)
     keeper = ckpt.LocalKeeper(loop_config["local_run_dir"], cfg.num_to_keep) if local_mode else None
     check_last_step_fits(n_train, cfg.global_batch_size, world)
     stopped = None

@@ -4,7 +4,7 @@ step's seed-to-seed spread), and a compile failure falls back to eager with one 
 import pytest
 import torch
 
-from distributed_resnet.compiling import CompiledOrEager, compile_for_training, unwrapped
+from distributed_resnet.compiling import CompiledOrEager, unwrapped
 from distributed_resnet.config import TrainConfig
 from distributed_resnet.data import load_cifar10
 from distributed_resnet.device import cpu_has_native_bf16
@@ -28,7 +28,7 @@ def loss_after(mini_dir, bf16: bool, compiled: bool, seed: int = 0, backend="ind
     if bf16:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, cfg, fused=bf16)
-    net = compile_for_training(model, (warnings if warnings is not None else []).append, backend) if compiled else model
+    net = CompiledOrEager(model, (warnings if warnings is not None else []).append, backend) if compiled else model
     train = images_to_tensor(data.train.images, torch.device("cpu"), bf16), torch.from_numpy(data.train.labels)
     n, augment = len(data.train.labels), Augment(cfg.shift, cfg.max_shift)
     per_epoch, total, count = n // BATCH, 0.0, 0
