@@ -15,6 +15,7 @@ recipe's).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 SHIFTS = ("bilinear", "pixel")
 SHIFT_FRACTION = 0.1  # width_shift_range = height_shift_range = 0.1 in the reference
@@ -84,6 +85,14 @@ def _sample(images: torch.Tensor, pos: torch.Tensor, axis: int) -> torch.Tensor:
     frac = (pos - low).view((n, 1, -1, 1) if axis == 2 else (n, 1, 1, -1)).to(images.dtype)
     low = low.long()
     return torch.lerp(take(low), take(low + 1), frac)
+
+
+def resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """A batch downscaled to size x size (bilinear with antialiasing: each output pixel averages the input pixels it
+    covers), for cheaper early epochs (`--progressive-resize`); None or the batch's own size: unchanged."""
+    if size is None or size == images.shape[-1]:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def to_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

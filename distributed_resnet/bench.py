@@ -90,8 +90,10 @@ def bench_plain(images, labels, batch, device, steps, warmup, bf16: bool, cfg: T
     return steps * batch / (time.perf_counter() - t0)
 
 
-def bench_step(images, labels, batch, device, steps, warmup, fast, cfg: TrainConfig, compiled=False) -> float:
-    """images/s of the project's epoch function on one process (`compiled`: `--compile`, compiled in warm-up)."""
+def bench_step(images, labels, batch, device, steps, warmup, fast, cfg: TrainConfig, compiled=False,
+               side: int | None = None) -> float:
+    """images/s of the project's epoch function on one process (`compiled`: `--compile`, compiled in warm-up;
+    `side`: the images resized to side x side after augmentation, as `--progressive-resize` does)."""
     model = ResNet(padding=cfg.padding, bn_momentum=cfg.bn_momentum).to(device)
     if fast:
         model = model.to(memory_format=torch.channels_last)
@@ -102,11 +104,11 @@ def bench_step(images, labels, batch, device, steps, warmup, fast, cfg: TrainCon
     n = len(labels)
     augment = Augment(cfg.shift, cfg.max_shift)
     train_epoch(model, opt, train, EpochPlan(n, batch, 1, 0, 0, 0, stop_step=warmup), augment, fast,
-                smoothing=cfg.label_smoothing)
+                smoothing=cfg.label_smoothing, side=side)
     _sync(device)
     t0 = time.perf_counter()
     train_epoch(model, opt, train, EpochPlan(n, batch, 1, 0, 0, 0, first_step=warmup, stop_step=warmup + steps),
-                augment, fast, smoothing=cfg.label_smoothing)
+                augment, fast, smoothing=cfg.label_smoothing, side=side)
     _sync(device)
     return steps * batch / (time.perf_counter() - t0)
 
@@ -139,6 +141,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpus-per-worker", type=int, default=1, help="threads per Ray Train worker (default %(default)s)")
     p.add_argument("--compile", action="store_true", help="add the --compile rows: the compiled step beside the "
                    "eager one, and the Ray Train path with --compile")
+    p.add_argument("--train-sizes", default="", metavar="SIDE,...", help="add rows of the project step with the "
+                   "images resized to these sides (e.g. 16,24: the early epochs of --progressive-resize 16:10,24:10)")
     p.add_argument("--output", default=None, help="also write the table as JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -171,8 +175,13 @@ def main(argv=None) -> int:
     for padding in paddings:
         row(f"project step, 1 process ({'bf16' if fast else 'fp32'}, {padding} padding)",
             bench_step(images, labels, args.batch_size, device, steps, warmup, fast, replace(cfg, padding=padding)))
+    full_size = rows[len(rows) - len(paddings) + paddings.index(cfg.padding)][1]  # the step with the recipe's padding
+    for side in (int(text) for text in args.train_sizes.split(",") if text.strip()):
+        row(f"project step, 1 process ({'bf16' if fast else 'fp32'}, {cfg.padding} padding), at {side} px",
+            bench_step(images, labels, args.batch_size, device, steps, warmup, fast, cfg, side=side))
+        print(f"  {side} px / 32 px step: {rows[-1][1] / full_size:.2f}x", flush=True)
     if args.compile:
-        eager = rows[-1][1]
+        eager = full_size
         row(f"project step, 1 process ({'bf16' if fast else 'fp32'}, {cfg.padding} padding), --compile",
             bench_step(images, labels, args.batch_size, device, steps, warmup, fast, cfg, compiled=True))
         print(f"  compiled / eager step: {rows[-1][1] / eager:.2f}x", flush=True)

@@ -98,6 +98,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flip", choices=("random", "alternate"), default=None,
                    help=f"random: mirror each image with probability 1/2 every epoch; alternate: a coin per image in the "
                         f"first epoch, then mirrored every other epoch ({_preset('flip')})")
+    g.add_argument("--progressive-resize", default=None, metavar="SIZE:EPOCHS,...",
+                   help="cheaper early epochs: 16:10,24:10 trains at 16 px for 10 epochs, at 24 px for the next 10, then "
+                        "at full size; validation and test stay at full size (default: full size throughout)")
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int, default=d.depth, help="6n+2 for v1, 9n+2 for v2 (default %(default)s)")
@@ -119,6 +122,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-size", type=int, default=None,
                    help="training images held out for validation (default 10%%: 5000); 0 validates on test")
     g.add_argument("--max-train-samples", type=int, default=None, metavar="K", help="train on K images only")
+    g.add_argument("--max-test-samples", type=int, default=None, metavar="K",
+                   help="evaluate on the first K test images only (a quick check, not a result)")
     g = p.add_argument_group("Ray")
     g.add_argument("--num-workers", type=workers_arg, default=d.num_workers, metavar="N|MIN:MAX",
                    help="Ray Train workers; MIN:MAX (torchrun's notation) trains elastically on MIN to MAX workers, "
@@ -157,7 +162,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-fast", dest="precision", action="store_const", const="fp32", help="alias of --precision fp32")
     p.add_argument("--fast-dev-run", action="store_true",
                    help="check the whole path in about a minute, as Lightning's fast_dev_run: 1 epoch on "
-                        f"{FAST_DEV_RUN['max_train_samples']} training images, {FAST_DEV_RUN['val_size']} val; "
+                        f"{FAST_DEV_RUN['max_train_samples']} training images, {FAST_DEV_RUN['val_size']} val, "
+                        f"{FAST_DEV_RUN['max_test_samples']} test; "
                         "the accuracy means nothing")
 
 
@@ -173,7 +179,7 @@ def workers_arg(text: str):
 
 
 # What --fast-dev-run shrinks a run to (the rest of the command stays as given).
-FAST_DEV_RUN = {"epochs": 1, "max_train_samples": 256, "val_size": 64}
+FAST_DEV_RUN = {"epochs": 1, "max_train_samples": 256, "val_size": 64, "max_test_samples": 256}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

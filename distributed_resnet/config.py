@@ -79,11 +79,15 @@ class TrainConfig:
     download: bool = False
     val_size: int | None = None  # None: 10% of the training images (5,000 on CIFAR-10); 0: validate on test
     max_train_samples: int | None = None  # cap the training images (after the val split), for quick runs
+    max_test_samples: int | None = None  # evaluate on the first K test images only (quick runs: --fast-dev-run)
     augment: bool = True  # random flip + shift, edge (nearest) fill: Keras' ImageDataGenerator
     shift: str | None = None  # "bilinear": Keras' continuous shift; "pixel": whole pixels, no blur
     max_shift: float | None = None  # the largest shift per axis, a fraction of the side (0.1 of 32 px: 3.2 px)
     flip: str | None = None  # "random": each image mirrored with probability 1/2 every epoch (Keras');
     #                          "alternate": a coin per image in epoch 1, then mirrored every other epoch (airbench)
+    progressive_resize: str | None = None  # "16:10,24:10": train at 16 px for the first 10 epochs, at 24 px for the
+    #                                       next 10, then at full size (cheaper early epochs, as fast CIFAR trainers
+    #                                       do); validation and test are always at full size
     seed: int = 0  # initial weights, val split, data order and augmentation all follow from it
     init_weights: str | None = None  # start from these weights (a checkpoint, results/..., a converted Keras model)
 
@@ -140,6 +144,28 @@ class TrainConfig:
         if self.per_worker_batch_size:
             return self.per_worker_batch_size * max(1, self.num_workers)
         return self.batch_size
+
+    def train_sizes(self) -> list[tuple[int, int]]:
+        """`progressive_resize` as (side in pixels, epochs) phases; [] when every epoch trains at full size."""
+        if not self.progressive_resize:
+            return []
+        phases = []
+        for part in str(self.progressive_resize).split(","):
+            size, _, epochs = part.strip().partition(":")
+            if not (size.isdigit() and epochs.isdigit()) or not 8 <= int(size) <= 32 or int(epochs) < 1:
+                raise UserError(f"--progressive-resize takes SIZE:EPOCHS[,SIZE:EPOCHS...] with sizes of 8 to 32 px and "
+                                f"at least 1 epoch each (e.g. 16:10,24:10), got {self.progressive_resize!r}")
+            phases.append((int(size), int(epochs)))
+        return phases
+
+    def train_size(self, epoch: int) -> int | None:
+        """The side the training images are resized to in `epoch` (from 0), None for full size."""
+        end = 0
+        for size, epochs in self.train_sizes():
+            end += epochs
+            if epoch < end:
+                return size
+        return None
 
     def validate(self) -> "TrainConfig":
         """Reject any value the run could not honour, with the fix in the message."""
@@ -220,6 +246,11 @@ class TrainConfig:
             raise UserError(f"--val-size must be >= 0, got {self.val_size}")
         if self.max_train_samples is not None:
             _positive(max_train_samples=self.max_train_samples)
+        if self.max_test_samples is not None:
+            _positive(max_test_samples=self.max_test_samples)
+        if sum(epochs for _, epochs in self.train_sizes()) >= self.schedule_epochs:
+            raise UserError(f"--progressive-resize {self.progressive_resize} leaves none of the {self.schedule_epochs} "
+                            f"epochs of the schedule at full size: the last must train at the size they are tested at")
         if self.global_batch_size < max(1, self.num_workers):
             raise UserError(f"--batch-size {self.global_batch_size} gives fewer images than --num-workers "
                             f"{self.num_workers}: every worker needs at least one per step")
@@ -238,7 +269,9 @@ class TrainConfig:
                   else "no augmentation")
         return (f"recipe {self.recipe}: {optimizer}, lr {self.lr:g}, {policy}; L2 {self.weight_decay:g} on "
                 f"{self.weight_decay_on}; label smoothing {self.label_smoothing:g}; {shifts}; "
-                f"{self.padding} padding, BatchNorm momentum {self.bn_momentum:g}; {self.epochs} epochs")
+                f"{self.padding} padding, BatchNorm momentum {self.bn_momentum:g}; {self.epochs} epochs"
+                + "".join(f", {epochs} at {size} px" for size, epochs in self.train_sizes())
+                + (", then full size" if self.progressive_resize else ""))
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

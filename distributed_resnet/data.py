@@ -108,8 +108,9 @@ def load_arrays(data_dir: str, download_if_missing: bool = False) -> tuple[Split
 
 
 def load_cifar10(data_dir: str, val_size: int | None = None, max_train_samples: int | None = None,
-                 seed: int = 0, download_if_missing: bool = False) -> Cifar10:
-    """Train/val/test: a stratified, seeded hold-out of `val_size` training images (default 10%)."""
+                 seed: int = 0, download_if_missing: bool = False, max_test_samples: int | None = None) -> Cifar10:
+    """Train/val/test: a stratified, seeded hold-out of `val_size` training images (default 10%). The caps keep a
+    stratified subset of the training images and the first `max_test_samples` test images (quick runs)."""
     train, test, source = load_arrays(data_dir, download_if_missing)
     if val_size is None:
         val_size = len(train) // 10
@@ -124,6 +125,8 @@ def load_cifar10(data_dir: str, val_size: int | None = None, max_train_samples: 
     if max_train_samples is not None and max_train_samples < len(train_part):
         keep, _ = stratified_split(train_part.labels, len(train_part) - max_train_samples, seed + 1)
         train_part = train_part.take(keep)
+    if max_test_samples is not None and max_test_samples < len(test):
+        test = test.take(np.arange(max_test_samples))
     return Cifar10(train_part, val, test, source, val_is_test)
 
 

@@ -121,7 +121,8 @@ def check_same_recipe(saved: dict, cfg: TrainConfig, where: str) -> None:
 def load_data(cfg: TrainConfig) -> Cifar10:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = load_cifar10(cfg.data_dir, cfg.val_size, cfg.max_train_samples, cfg.seed, cfg.download)
+        data = load_cifar10(cfg.data_dir, cfg.val_size, cfg.max_train_samples, cfg.seed, cfg.download,
+                            cfg.max_test_samples)
     for w in caught:
         print(f"warning: {w.message}", flush=True)
     return data

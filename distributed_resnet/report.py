@@ -56,7 +56,7 @@ class ProgressPrinter:
         eta = np.mean(self.seconds[-10:]) * (self.epochs - m["epoch"])
         cut = " (plateau cut)" if m.get("lr_cut") else ""
         print(f"{self.label}epoch {m['epoch']:>{len(str(self.epochs))}}/{self.epochs}  lr {m['lr']:.2e}  "
-              f"loss {m['train_loss']:.4f}  train {100 * m['train_accuracy']:5.2f}%  "
+              f"loss {m['train_loss']:.4f}  train {100 * m['train_accuracy']:5.2f}%  {_side(m)}"
               f"val {100 * m['val_accuracy']:5.2f}%  {_test(m)}"
               f"{m['images_per_second']:,.0f} img/s  {m['epoch_seconds']:.1f}s  ETA {fmt_duration(eta)}{cut}",
               file=self.stream, flush=True)
@@ -71,6 +71,11 @@ class ProgressPrinter:
 
 def _test(m: dict) -> str:
     return "" if m.get("test_accuracy") is None else f"test {100 * m['test_accuracy']:5.2f}%  "
+
+
+def _side(m: dict) -> str:
+    """The training images' side where `--progressive-resize` made it smaller than CIFAR-10's 32 px."""
+    return "" if m.get("train_size", 32) == 32 else f"at {m['train_size']} px  "
 
 
 class QueueDrain:

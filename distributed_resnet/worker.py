@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import deterministic
-from .augment import alternating_flips, draw_flip_shift, shift_images, to_float
+from .augment import alternating_flips, draw_flip_shift, resize, shift_images, to_float
 from .batchnorm import use_global_statistics
 from .compiling import CompiledOrEager, unwrapped
 from .config import TrainConfig
@@ -141,8 +141,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             _save_and_report(marks, _state(epoch, mid), rank, ckpt.dir_name(epoch, step), keeper)
 
         preempt = PreemptionWatch(on_notice, loop_config.get("preemption_check_steps", 0), local_mode)
+        side = cfg.train_size(epoch)
         train_sums = train_epoch(net, optimizer, splits["train"], plan, augment, fast, preempt,
-                                 policy.lr if policy.per_step else None, cfg.label_smoothing, exact_grads)
+                                 policy.lr if policy.per_step else None, cfg.label_smoothing, exact_grads, side)
         _synchronize(device)
         train_seconds = time.perf_counter() - t0 + carried_seconds
         train_loss, train_acc = _means(_all_reduce_totals(*train_sums, world, carried))
@@ -161,7 +162,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             "val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc,
             "images_per_second": n_train / train_seconds, "train_seconds": train_seconds,
             "epoch_seconds": time.perf_counter() - t0 + carried_seconds, "lr_cut": cut,
-            "workers": world,
+            "workers": world, "train_size": side or splits["train"][0].shape[-1],
             **({"resumed_at_step": first_step} if first_step else {}),
         }
         history.append(metrics)
@@ -269,11 +270,13 @@ class EpochPlan:
 
 
 def train_epoch(net, optimizer, train, plan: EpochPlan, augment: Augment | None, fast, watch=None, lr_at=None,
-                smoothing: float = 0.0, exact_grads: deterministic.ExactGradients | None = None) -> tuple[torch.Tensor, int]:
+                smoothing: float = 0.0, exact_grads: deterministic.ExactGradients | None = None,
+                side: int | None = None) -> tuple[torch.Tensor, int]:
     """One pass over this worker's share of the epoch: device sums (loss, correct) and the image count; no host
     sync inside. `augment`: flips and shifts, None for none. `watch`: a PreemptionWatch, told after every step.
     `lr_at(epoch, step)`: a per-step LR policy (one cycle), else the LR stays as set. `smoothing`: label smoothing.
-    `exact_grads`: `--deterministic` (`deterministic.py`): `net` is the bare model, its gradients summed exactly."""
+    `exact_grads`: `--deterministic` (`deterministic.py`): `net` is the bare model, its gradients summed exactly.
+    `side`: the side the augmented images are resized to (`--progressive-resize`), None for full size."""
     images, labels = train
     device = images.device
     dtype = next(net.parameters()).dtype  # fp32; fp64 in the tests that check the math of N workers exactly
@@ -299,6 +302,7 @@ def train_epoch(net, optimizer, train, plan: EpochPlan, augment: Augment | None,
             if augment.first_flips is not None:  # a function of (image, epoch): independent of N too
                 flip = (augment.first_flips[idx] ^ bool(plan.epoch % 2)).unsqueeze(1)
             x = shift_images(x, dy[first:first + size], dx[first:first + size], flip)
+        x = resize(x, side)
         if fast:
             x = x.contiguous(memory_format=torch.channels_last)
         if exact_grads is not None:

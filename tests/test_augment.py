@@ -1,6 +1,6 @@
 import torch
 
-from distributed_resnet.augment import random_flip_shift, shift_images, to_float
+from distributed_resnet.augment import random_flip_shift, resize, shift_images, to_float
 
 
 def _img(n=2, c=3, h=32, w=32):
@@ -162,3 +162,14 @@ def test_alternate_flip_mirrors_each_image_in_every_other_epoch():
     for image in range(n):
         assert mirrored[0, image] == bool(first[image])
         assert mirrored[1, image] != mirrored[0, image] and mirrored[2, image] == mirrored[0, image]
+
+
+def test_resize_averages_down_and_leaves_full_size_alone():
+    """--progressive-resize: a 32 px batch at 16 px keeps each channel's mean (antialiased: every input pixel
+    counts), keeps flat images flat and keeps channels_last; at None or 32 px the batch comes back as it was."""
+    x = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    small = resize(x, 16)
+    assert small.shape == (4, 3, 16, 16)
+    assert torch.allclose(small.mean((2, 3)), x.mean((2, 3)), atol=0.02)
+    assert torch.allclose(resize(torch.full((1, 3, 32, 32), 0.25), 24), torch.tensor(0.25))
+    assert resize(x, None) is x and resize(x, 32) is x

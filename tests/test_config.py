@@ -32,6 +32,9 @@ def test_defaults_are_the_reference_recipe():
     ({"lr": 1e-7}, "--plateau-min-lr 5e-07 must be below --lr 1e-07"),
     ({"deterministic": True}, "--deterministic computes in fp32: add --precision fp32 \\(not auto"),
     ({"deterministic": True, "precision": "fp32", "batchnorm": "local"}, "drop --batchnorm local"),
+    ({"progressive_resize": "16-10"}, "--progressive-resize takes SIZE:EPOCHS"),
+    ({"progressive_resize": "40:2"}, "sizes of 8 to 32 px"),
+    ({"recipe": "fast", "progressive_resize": "16:20,24:10"}, "leaves none of the 30 epochs of the schedule at full size"),
 ])
 def test_invalid_values_are_one_line_user_errors(kwargs, message):
     with pytest.raises(UserError, match=message) as e:
@@ -70,3 +73,10 @@ def test_a_resume_keeps_the_recipe_of_a_checkpoint_older_than_its_setting():
     check_same_recipe(saved, TrainConfig(recipe="fast", flip="random"), "old")
     with pytest.raises(UserError, match=r"--flip random \(not alternate\)"):
         check_same_recipe(saved, TrainConfig(recipe="fast", flip="alternate"), "old")
+
+
+def test_progressive_resize_gives_each_epoch_its_side():
+    cfg = TrainConfig(recipe="fast", progressive_resize="16:2, 24:1").validate()
+    assert [cfg.train_size(e) for e in range(5)] == [16, 16, 24, None, None]
+    assert cfg.recipe_text().endswith("30 epochs, 2 at 16 px, 1 at 24 px, then full size")
+    assert TrainConfig(recipe="fast").train_size(0) is None

@@ -171,7 +171,9 @@ def test_val_size_zero_validates_on_test_with_warning(mini_dir):
     assert any("optimistic" in str(w.message) for w in caught)
 
 
-def test_max_train_samples_and_too_large_val(mini_dir):
+def test_max_train_and_test_samples_and_too_large_val(mini_dir):
     assert len(load_cifar10(mini_dir, val_size=100, max_train_samples=300).train) == 300
+    whole, capped = load_cifar10(mini_dir).test, load_cifar10(mini_dir, max_test_samples=120).test
+    assert len(capped) == 120 and np.array_equal(capped.images, whole.images[:120])  # the first 120, as stored
     with pytest.raises(UserError, match="--val-size 2000 leaves no training images"):
         load_cifar10(mini_dir, val_size=2000)

@@ -78,11 +78,12 @@ def test_weight_decay_on_weights_spares_batchnorm_and_biases():
 
 def test_a_fast_run_resumed_half_way_continues_its_cycle_at_the_same_step(tmp_path, mini_dir):
     """A real `--recipe fast` run (local mode, fp64 so that equal means equal): 2 epochs at once, and 1 epoch then
-    `--resume` for the second. The same LRs, and the same weights at the end: the cycle and SGD's momentum carry over."""
+    `--resume` for the second. The same LRs, and the same weights at the end: the cycle and SGD's momentum carry over.
+    With `--progressive-resize 16:1`: the first epoch trains at 16 px, the resumed second at full size."""
     from distributed_resnet.driver import run_training
 
     base = dict(recipe="fast", num_workers=0, data_dir=mini_dir, storage_path=str(tmp_path), max_train_samples=512,
-                val_size=100, depth=8, precision="fp64", schedule_epochs=2)
+                val_size=100, depth=8, precision="fp64", schedule_epochs=2, progressive_resize="16:1")
     whole = run_training(TrainConfig(epochs=2, name="whole", **base), quiet=True)
     run_training(TrainConfig(epochs=1, name="halves", **base), quiet=True)
     halves = run_training(TrainConfig(epochs=2, name="halves", resume=True, **base), quiet=True)
@@ -90,6 +91,7 @@ def test_a_fast_run_resumed_half_way_continues_its_cycle_at_the_same_step(tmp_pa
     steps = math.ceil(512 / 128)
     cycle = OneCycle(0.15, 2 * steps, steps_per_epoch=steps)
     assert [h["lr"] for h in whole["history"]] == [cycle.lr(0), cycle.lr(1)] == [h["lr"] for h in halves["history"]]
+    assert [h["train_size"] for h in whole["history"]] == [16, 32] == [h["train_size"] for h in halves["history"]]
     for key in ("train_loss", "val_loss", "test_loss"):
         assert halves["history"][-1][key] == pytest.approx(whole["history"][-1][key], rel=1e-12, abs=0)
     saved = json.loads((tmp_path / "whole" / "results.json").read_text())["config"]

@@ -28,7 +28,7 @@ FRACTIONAL = {"plateau_patience": "plateau_patience_fraction", "plateau_cooldown
 # Keys a full-length `train` command leaves out: where a run lives, and what the trials' layout decided.
 # The answer is for the whole training set, so a search on a subset (max_train_samples) does not carry over.
 NOT_IN_COMMAND = ("storage_path", "name", "resume", "report_test", "data_dir", "download", "use_gpu", "min_workers",
-                  "init_weights", "epochs", "schedule_epochs", "max_train_samples")
+                  "init_weights", "epochs", "schedule_epochs", "max_train_samples", "max_test_samples")
 
 
 def flag(key: str) -> str:
@@ -73,11 +73,12 @@ def load_sweep(path: str, overrides: dict | None = None) -> dict:
 
 def fast_dev_run(spec: dict, where: str) -> dict:
     """The sweep at a size that checks its whole path in a few minutes (`tune --fast-dev-run`): at most 2 trials of
-    1 epoch on 128 training images (PBT: one epoch past its first perturbation), a grid cut to its first value, and
+    1 epoch on 128 training images and 256 test images (PBT: one epoch past its first perturbation), a grid cut to its first value, and
     a confirmation of the best and the default, 1 seed of 1 epoch."""
     sched = scheduler_spec(spec)
     epochs = sched["perturbation_interval"] + 1 if sched["type"] == "pbt" else 1
-    fixed = {**(spec.get("fixed") or {}), "epochs": epochs, "max_train_samples": 128, "val_size": 64}
+    fixed = {**(spec.get("fixed") or {}), "epochs": epochs, "max_train_samples": 128, "val_size": 64,
+             "max_test_samples": 256}
     fixed.pop("schedule_epochs", None)
     search = {k: ({"grid": d["grid"][:1]} if "grid" in d else d) for k, d in (spec.get("search") or {}).items()}
     small = {**spec, "fixed": fixed, "search": search, "num_samples": min(FAST_DEV_TRIALS, spec.get("num_samples", 1))}
