@@ -139,32 +139,6 @@ def test_the_jobs_api_refuses_a_job_without_the_token(head, tmp_path):
     assert marker.exists()
 
 
-def test_a_sweep_submitted_as_a_job_with_s3_storage_ends_with_its_best_checkpoint(head, s3, tmp_path, mini_dir):
-    """The README's cluster sweep: `ray job submit -- python -m distributed_resnet.tune ... --storage-path s3://...`.
-    The job's entrypoint has RAY_ADDRESS set, so the sweep must join the cluster without asking for CPUs; on S3 the
-    checkpoint paths Ray reports have no scheme, and best.json must still name one that opens."""
-    spec = yaml.safe_load((REPO / "tune_configs" / "smoke.yaml").read_text())
-    spec["fixed"].update(data_dir=mini_dir, val_size=100, max_train_samples=128, epochs=1)
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
-    proc = ray_job(head, "--", "python", "-m", "distributed_resnet.tune", "--config", str(tmp_path / "sweep.yaml"),
-                   "--storage-path", f"{s3}/sweeps", "--name", "as_a_job", "--num-samples", "2")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "succeeded" in out, out[-3000:]
-    assert "best trial" in out and "[2/2]" in out
-    best = json.loads(read_s3(f"{s3}/sweeps/as_a_job/best.json"))
-    assert best["checkpoint"].startswith(f"{s3}/sweeps/as_a_job/trials/")
-    assert 0 <= best["test_accuracy"] <= 1
-    trials = json.loads(read_s3(f"{s3}/sweeps/as_a_job/trials.json"))
-    assert len(trials) == 2 and all(t["checkpoint"].startswith("s3://") for t in trials)
-
-    import ray.train
-
-    from distributed_resnet import checkpoint as ckpt
-
-    with ray.train.Checkpoint(best["checkpoint"]).as_directory() as folder:
-        assert ckpt.load(folder)["meta"]["depth"] == 20
-
-
 def _one_line(proc, *fragments):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
@@ -209,6 +183,7 @@ def test_the_readme_cluster_section_runs_against_a_head_started_as_cluster_yaml_
     the Jobs address, the bucket and the data folder become local ones, `--gpu` becomes `--no-gpu`, a job gets 1
     worker and 2 trials at a time, and `--fast-dev-run` shrinks it to a minute."""
     import ray
+    import ray.train
 
     sys.path.insert(0, str(REPO / "tests"))
     from readme_blocks import commands
@@ -239,5 +214,17 @@ def test_the_readme_cluster_section_runs_against_a_head_started_as_cluster_yaml_
     train[workers + 1] = "1"
     out = submit(train)
     assert re.search(rf"results: {s3}/runs/resnet20v1_\S+/results.json", out), out[-2000:]
+    # The sweep as a job: its entrypoint has RAY_ADDRESS set, so the sweep joins the cluster without asking for
+    # CPUs; on S3 the checkpoint paths Ray reports have no scheme, and best.json must still name one that opens.
     out = submit(tune, "--gpus-per-worker", "0", "--max-concurrent-trials", "2")
-    assert "best trial" in out and "full length (unconfirmed): python -m distributed_resnet.train --recipe keras --epochs 200" in out
+    assert "best trial" in out and "[2/2]" in out
+    assert "full length (unconfirmed): python -m distributed_resnet.train --recipe keras --epochs 200" in out
+    sweep = re.search(rf"best config and checkpoint: ({s3}/runs/\S+)/best.json", out).group(1)
+    best = json.loads(read_s3(f"{sweep}/best.json"))
+    assert best["checkpoint"].startswith(f"{sweep}/trials/") and 0 <= best["test_accuracy"] <= 1
+    trials = json.loads(read_s3(f"{sweep}/trials.json"))
+    assert len(trials) == 2 and all(t["checkpoint"].startswith("s3://") for t in trials)
+    from distributed_resnet import checkpoint as ckpt
+
+    with ray.train.Checkpoint(best["checkpoint"]).as_directory() as folder:
+        assert ckpt.load(folder)["meta"]["depth"] == 20

@@ -1,9 +1,10 @@
 """Settings that mean the same at any length (patience, cooldown and ASHA's grace as fractions of the schedule),
-the winner carried to the full length as a runnable `train` command, and the confirmation stage: a real sweep on
-the mini set with `confirm:`, killed during the confirmation and resumed."""
+the winner carried to the full length as a runnable `train` command, and a real sweep on the mini set with
+`confirm:`, killed during the confirmation and resumed: Tune's restore, the selection by val and the verdict."""
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -147,9 +148,10 @@ def test_the_verdict_needs_a_lead_larger_than_the_seed_spread():
     assert verdict_of(clear, _candidate("default recipe", None), "val_accuracy", 1)[2] is False
 
 
-def test_confirmation_runs_as_tune_trials_and_resumes_without_rerunning(tmp_path, mini_dir):
-    """Search 2 trials of 1 epoch, then the best and the default x 2 seeds x 2 epochs; the driver is killed once
-    a confirmed run has finished, and --resume completes the rest without training that one again."""
+def test_a_sweep_killed_in_its_confirmation_resumes_without_rerunning_and_picks_best_by_val(tmp_path, mini_dir):
+    """A real sweep: 2 ASHA trials of 1 epoch, then the best and the default x 2 seeds x 2 epochs as Tune trials.
+    The driver is killed once a confirmed run has finished; --resume restores the Tune experiment and completes
+    the rest without training that one again. Then the selection by val, best.json, trials.json and the table."""
     config = sweep_file(tmp_path, mini_dir, num_samples=2, max_concurrent_trials=2,
                         fixed={"epochs": 1, "data_dir": mini_dir, "val_size": 100, "max_train_samples": 128},
                         confirm={"top_k": 1, "seeds": 2, "epochs": 2})
@@ -168,14 +170,41 @@ def test_confirmation_runs_as_tune_trials_and_resumes_without_rerunning(tmp_path
     stamp = {p: p.stat().st_mtime_ns for p in finished.rglob("checkpoint.pt")}
     kill_with_everything_it_started(driver)
     first_out = driver.stdout.read().decode()
-    assert "then the top 1 and the default recipe, 2 fresh seeds each at 2 epochs" in first_out
+    assert ("2 trials (random search, asha scheduler; the first runs the default recipe) from " in first_out
+            and "; then the top 1 and the default recipe, 2 fresh seeds each at 2 epochs" in first_out)
+    assert "note: search.plateau_patience: the default 5 lies outside randint [1, 3]" in first_out
 
     proc = run_cli("tune", "--config", str(config), "--storage-path", str(tmp_path), "--name", "c", "--resume")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert {p: p.stat().st_mtime_ns for p in finished.rglob("checkpoint.pt")} == stamp  # not trained again
     assert len(list(runs.iterdir())) == 4
+    assert "Trial status" not in first_out + proc.stdout  # Tune's own tables stay off
+    assert "best trial" in proc.stdout and "vs default: the " in proc.stdout  # the table, and the comparison
+
+    # The search: the default recipe was one of its trials, marked and compared; the best is picked by val.
+    trials = json.loads((tmp_path / "c" / "trials.json").read_text())
+    searched = [t for t in trials if t["stage"] == "search"]
+    assert len(searched) == 2 and all(t["status"] in ("done", "stopped") and t["epochs"] == 1 for t in searched)
+    default = [t for t in searched if t["default"]]
+    assert len(default) == 1 and default[0]["config"] == {"lr": 1e-3, "lr_policy": "keras", "plateau_patience": 5}
+    assert default[0]["vs_default"] == 0 and re.search(r"^\* " + default[0]["trial_id"][:13], proc.stdout, re.M)
+    lines = [line for line in (first_out + proc.stdout).splitlines() if re.match(r"\[\d/2\] trial ", line)]
+    for t in searched:  # one progress line per trial as it ended
+        assert any(f"trial {t['trial_id']}" in line for line in lines), (t["trial_id"], lines)
+    assert any(f"trial {default[0]['trial_id']} (default) " in line for line in lines)
+    assert searched[0]["val_accuracy"] >= searched[1]["val_accuracy"]  # sorted by validation accuracy
     best = json.loads((tmp_path / "c" / "best.json").read_text())
-    picked = json.loads((tmp_path / "c" / "confirm_candidates.json").read_text())  # read back on --resume
+    assert best["trial_id"] == searched[0]["trial_id"] and best["val_accuracy"] == searched[0]["val_accuracy"]
+    assert Path(best["checkpoint"], "checkpoint.pt").is_file()
+    assert 0 <= best["test_accuracy"] <= 1 and set(best["config"]) >= {"lr", "lr_policy", "plateau_patience"}
+    assert best["default_trial_id"] == default[0]["trial_id"] and best["beats_default_by"] >= 0
+    assert best["default_val_accuracy"] == default[0]["val_accuracy"] and best["vs_default"].startswith("the ")
+    # The selected checkpoint is the best-val epoch of the best trial; test accuracy played no part in it.
+    meta = json.loads(Path(best["checkpoint"], "meta.json").read_text())
+    assert meta["metrics"]["val_accuracy"] == best["val_accuracy"] and meta["metrics"]["test_accuracy"] is None
+
+    # The confirmation: read back on --resume, each candidate x 2 seeds at 2 epochs, a verdict against the spread.
+    picked = json.loads((tmp_path / "c" / "confirm_candidates.json").read_text())
     confirmation = best["confirmation"]
     assert [c["candidate"] for c in confirmation["candidates"]] == [c["name"] for c in picked]
     assert confirmation["epochs"] == 2 and confirmation["seeds"] == [1, 2]
@@ -187,12 +216,14 @@ def test_confirmation_runs_as_tune_trials_and_resumes_without_rerunning(tmp_path
         assert 0 <= c["median_test_accuracy"] <= 1
     assert confirmation["verdict"] and isinstance(confirmation["beats_default"], bool)
     assert best["recommended"]["train_command"].startswith("python -m distributed_resnet.train --recipe keras --epochs 200 ")
-    trials = json.loads((tmp_path / "c" / "trials.json").read_text())
     confirmed = [t for t in trials if t["stage"] == "confirm"]
-    assert len([t for t in trials if t["stage"] == "search"]) == 2 and len(confirmed) == 4
+    assert len(confirmed) == 4
     assert all(t["epochs"] == 2 and 0 <= t["test_accuracy"] <= 1 and t["val_accuracy"] is not None for t in confirmed)
     # Each confirmed run trained with its own seed, at the confirmation's length.
     metas = [json.loads(Path(t["checkpoint"], "meta.json").read_text()) for t in confirmed]
     assert sorted(m["config"]["seed"] for m in metas) == [1, 1, 2, 2]
     assert all(m["config"]["epochs"] == m["config"]["schedule_epochs"] == 2 for m in metas)
     assert "verdict: " in proc.stdout and "median val" in proc.stdout
+    # Without --resume the sweep folder is refused.
+    again = run_cli("tune", "--config", str(config), "--storage-path", str(tmp_path), "--name", "c")
+    assert again.returncode == 2 and "already exists" in again.stderr

@@ -1,19 +1,15 @@
-"""The Tune sweep: YAML checks, the default-recipe trial, progress lines, and two real sweeps on the mini set: random
-search with --resume after the driver is killed, and PBT with an exploit that restores (Optuna TPE with ASHA:
-test_api.py)."""
+"""The Tune sweep: YAML checks, the default-recipe trial, progress lines, and a real PBT sweep on the mini set with
+an exploit that restores (random search killed and resumed: test_confirm.py; Optuna TPE with ASHA: test_api.py)."""
 
 import json
-import os
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, kill_with_everything_it_started, run_cli
+from conftest import REPO, run_cli
 from distributed_resnet.errors import UserError
 from distributed_resnet.sweeps.space import driver_resources, search_space
 from distributed_resnet.sweeps.spec import (default_notes, default_point, load_sweep, planned_trials, scheduler_spec,
@@ -238,63 +234,6 @@ def test_bad_yaml_on_the_command_line(tmp_path):
     proc = run_cli("tune", "--config", str(path), "--storage-path", str(tmp_path))
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "unknown key(s) num_sampels" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_sweep_resumes_after_driver_killed_and_picks_best_by_val(tmp_path, mini_dir):
-    """A real 2-trial ASHA sweep, killed during trial 2, resumed; then the selection and best.json."""
-    config = write_sweep(tmp_path, mini_dir, num_samples=2, max_concurrent_trials=1)
-    trials_dir = tmp_path / "s" / "trials"
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONUNBUFFERED": "1"}
-    driver = subprocess.Popen([sys.executable, "-m", "distributed_resnet.tune", "--config", str(config),
-                               "--storage-path", str(tmp_path), "--name", "s"], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    finished = started = None
-    while time.time() < deadline and driver.poll() is None:
-        done = sorted(trials_dir.glob("*/checkpoint_epoch_0002/meta.json")) if trials_dir.is_dir() else []
-        if done:
-            finished = done[0].parents[1]
-            started = [d for d in trials_dir.iterdir() if d != finished and any(d.glob("checkpoint_epoch_0001"))]
-            if started:
-                break
-        time.sleep(0.5)
-    assert finished and started, "the sweep did not reach the second trial in time"
-    stamp = {p: p.stat().st_mtime_ns for p in finished.rglob("checkpoint.pt")}
-    kill_with_everything_it_started(driver)
-    first_out = driver.stdout.read().decode()
-
-    proc = run_cli("tune", "--config", str(config), "--storage-path", str(tmp_path), "--name", "s", "--resume")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert {p: p.stat().st_mtime_ns for p in finished.rglob("checkpoint.pt")} == stamp  # not rerun
-    assert "best trial" in proc.stdout and "val_accuracy" in proc.stdout  # the table
-    trials = json.loads((tmp_path / "s" / "trials.json").read_text())
-    assert len(trials) == 2 and all(t["status"] in ("done", "stopped") and t["epochs"] >= 1 for t in trials)  # ASHA
-    # The default recipe was one of the two trials, marked in trials.json and in the table, and compared.
-    assert "2 trials (random search, asha scheduler; the first runs the default recipe)" in first_out
-    assert "Trial status" not in first_out + proc.stdout  # Tune's own tables stay off
-    assert "note: search.plateau_patience: the default 5 lies outside randint [1, 3]" in first_out
-    default = [t for t in trials if t["default"]]
-    assert len(default) == 1 and default[0]["config"] == {"lr": 1e-3, "lr_policy": "keras", "plateau_patience": 5}
-    assert default[0]["vs_default"] == 0 and re.search(r"^\* " + default[0]["trial_id"][:13], proc.stdout, re.M)
-    assert "vs default: the " in proc.stdout
-    # One progress line per trial as it ended, from the first driver or the resumed one.
-    lines = [line for line in (first_out + proc.stdout).splitlines() if re.match(r"\[\d/2\] trial ", line)]
-    for t in trials:
-        assert any(f"trial {t['trial_id']}" in line for line in lines), (t["trial_id"], lines)
-    assert any(f"trial {default[0]['trial_id']} (default) " in line for line in lines)
-    assert trials[0]["val_accuracy"] >= trials[1]["val_accuracy"]  # sorted by validation accuracy
-    best = json.loads((tmp_path / "s" / "best.json").read_text())
-    assert best["trial_id"] == trials[0]["trial_id"] and best["val_accuracy"] == trials[0]["val_accuracy"]
-    assert Path(best["checkpoint"], "checkpoint.pt").is_file()
-    assert 0 <= best["test_accuracy"] <= 1 and set(best["config"]) >= {"lr", "lr_policy", "plateau_patience"}
-    assert best["default_trial_id"] == default[0]["trial_id"] and best["beats_default_by"] >= 0
-    assert best["default_val_accuracy"] == default[0]["val_accuracy"] and best["vs_default"].startswith("the ")
-    # The selected checkpoint is the best-val epoch of the best trial; test accuracy played no part in it.
-    meta = json.loads(Path(best["checkpoint"], "meta.json").read_text())
-    assert meta["metrics"]["val_accuracy"] == best["val_accuracy"] and meta["metrics"]["test_accuracy"] is None
-    # Without --resume the sweep folder is refused.
-    again = run_cli("tune", "--config", str(config), "--storage-path", str(tmp_path), "--name", "s")
-    assert again.returncode == 2 and "already exists" in again.stderr
 
 
 def progress_lines(out: str, total: int) -> list[str]:
