@@ -17,6 +17,7 @@ Timing waits for the device (synchronize) before reading the clock, after warm-u
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 import time
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from .augment import random_flip_shift, to_float
 from .cli import Parser, main_guard
-from .config import TrainConfig
+from .config import IMAGE_SIDE, TrainConfig
 from .data import default_data_dir, load_cifar10
 from .device import use_bf16
 from .inference import images_to_tensor
@@ -129,6 +130,15 @@ def bench_ray(data_dir, workers, batch, samples, epochs, use_gpu, batchnorm="glo
         return results["history"][-1]["images_per_second"], time.time() - t0
 
 
+def image_sides(text: str) -> list[int]:
+    """`--train-sizes 16,24`: sides in pixels, as `--progressive-resize` takes them."""
+    sides = [part.strip() for part in text.split(",") if part.strip()]
+    if not all(side.isdigit() and 8 <= int(side) <= IMAGE_SIDE for side in sides):
+        raise argparse.ArgumentTypeError(f"takes sides of 8 to {IMAGE_SIDE} px, comma-separated (e.g. 16,24), "
+                                         f"got {text!r}")
+    return [int(side) for side in sides]
+
+
 def main(argv=None) -> int:
     p = Parser(prog="python -m distributed_resnet.bench", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -141,7 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpus-per-worker", type=int, default=1, help="threads per Ray Train worker (default %(default)s)")
     p.add_argument("--compile", action="store_true", help="add the --compile rows: the compiled step beside the "
                    "eager one, and the Ray Train path with --compile")
-    p.add_argument("--train-sizes", default="", metavar="SIDE,...", help="add rows of the project step with the "
+    p.add_argument("--train-sizes", type=image_sides, default=[], metavar="SIDE,...", help="add rows of the project step with the "
                    "images resized to these sides (e.g. 16,24: the early epochs of --progressive-resize 16:10,24:10)")
     p.add_argument("--output", default=None, help="also write the table as JSON here")
     args = p.parse_args(argv)
@@ -176,7 +186,7 @@ def main(argv=None) -> int:
         row(f"project step, 1 process ({'bf16' if fast else 'fp32'}, {padding} padding)",
             bench_step(images, labels, args.batch_size, device, steps, warmup, fast, replace(cfg, padding=padding)))
     full_size = rows[len(rows) - len(paddings) + paddings.index(cfg.padding)][1]  # the step with the recipe's padding
-    for side in (int(text) for text in args.train_sizes.split(",") if text.strip()):
+    for side in args.train_sizes:
         row(f"project step, 1 process ({'bf16' if fast else 'fp32'}, {cfg.padding} padding), at {side} px",
             bench_step(images, labels, args.batch_size, device, steps, warmup, fast, cfg, side=side))
         print(f"  {side} px / 32 px step: {rows[-1][1] / full_size:.2f}x", flush=True)

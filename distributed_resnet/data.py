@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import default_data_dir  # noqa: F401  (re-exported for the commands)
+from .config import IMAGE_SIDE, default_data_dir  # noqa: F401  (default_data_dir: re-exported for the commands)
 from .errors import UserError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-IMAGE_SHAPE = (32, 32, 3)
+IMAGE_SHAPE = (IMAGE_SIDE, IMAGE_SIDE, 3)
 
 
 @dataclass

@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from .config import IMAGE_SIDE
+
 
 def fmt_duration(seconds: float) -> str:
     seconds = int(round(seconds))
@@ -75,7 +77,7 @@ def _test(m: dict) -> str:
 
 def _side(m: dict) -> str:
     """The training images' side where `--progressive-resize` made it smaller than CIFAR-10's 32 px."""
-    return "" if m.get("train_size", 32) == 32 else f"at {m['train_size']} px  "
+    return "" if m.get("train_size", IMAGE_SIDE) == IMAGE_SIDE else f"at {m['train_size']} px  "
 
 
 class QueueDrain:

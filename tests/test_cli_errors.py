@@ -75,3 +75,13 @@ def test_a_last_batch_smaller_than_the_workers_is_refused_before_ray_starts(tmp_
                    "--storage-path", str(tmp_path), "--name", "x")
     _one_line_error(proc, "the last batch of an epoch has 1 image(s), fewer than --num-workers 2")
     assert not (tmp_path / "x").exists()
+
+
+def test_bench_refuses_a_side_it_cannot_train_at(capsys):
+    from distributed_resnet import bench
+
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--device", "cpu", "--train-sizes", "16,40"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "argument --train-sizes: takes sides of 8 to 32 px, comma-separated (e.g. 16,24), got '16,40'" in err
