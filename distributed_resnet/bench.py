@@ -34,6 +34,8 @@ from .data import default_data_dir, load_cifar10
 from .device import use_bf16
 from .inference import images_to_tensor
 from .compiling import CompiledOrEager
+from .errors import UserError
+from .graphed import WARMUP_STEPS, GraphSafeStep
 from .worker import Augment, EpochPlan, train_epoch
 from .model import ResNet, param_groups
 from .optim import build_optimizer
@@ -92,24 +94,29 @@ def bench_plain(images, labels, batch, device, steps, warmup, bf16: bool, cfg: T
 
 
 def bench_step(images, labels, batch, device, steps, warmup, fast, cfg: TrainConfig, compiled=False,
-               side: int | None = None) -> float:
+               side: int | None = None, graphed=False) -> float:
     """images/s of the project's epoch function on one process (`compiled`: `--compile`, compiled in warm-up;
-    `side`: the images resized to side x side after augmentation, as `--progressive-resize` does)."""
+    `side`: the images resized to side x side after augmentation, as `--progressive-resize` does; `graphed`: the
+    graph-safe step, with a fused optimizer, captured as a CUDA graph in warm-up on CUDA, eager elsewhere)."""
     model = ResNet(padding=cfg.padding, bn_momentum=cfg.bn_momentum).to(device)
     if fast:
         model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(model, cfg, fused=fast)
+    opt = build_optimizer(model, cfg, fused=fast or graphed)
     if compiled:
         model = CompiledOrEager(model, warn=lambda text: print(f"  {text}", flush=True))
     train = images_to_tensor(images, device, fast), torch.from_numpy(labels).to(device)
     n = len(labels)
     augment = Augment(cfg.shift, cfg.max_shift)
-    train_epoch(model, opt, train, EpochPlan(n, batch, 1, 0, 0, 0, stop_step=warmup), augment, fast,
-                smoothing=cfg.label_smoothing, side=side)
+    if graphed:
+        step = GraphSafeStep(model, opt, *train, batch, augment, fast, smoothing=cfg.label_smoothing, side=side)
+        epoch = lambda plan: step.train_epoch(plan)  # noqa: E731
+    else:
+        epoch = lambda plan: train_epoch(model, opt, train, plan, augment, fast,  # noqa: E731
+                                         smoothing=cfg.label_smoothing, side=side)
+    epoch(EpochPlan(n, batch, 1, 0, 0, 0, stop_step=warmup))
     _sync(device)
     t0 = time.perf_counter()
-    train_epoch(model, opt, train, EpochPlan(n, batch, 1, 0, 0, 0, first_step=warmup, stop_step=warmup + steps),
-                augment, fast, smoothing=cfg.label_smoothing, side=side)
+    epoch(EpochPlan(n, batch, 1, 0, 0, 0, first_step=warmup, stop_step=warmup + steps))
     _sync(device)
     return steps * batch / (time.perf_counter() - t0)
 
@@ -151,8 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--cpus-per-worker", type=int, default=1, help="threads per Ray Train worker (default %(default)s)")
     p.add_argument("--compile", action="store_true", help="add the --compile rows: the compiled step beside the "
                    "eager one, and the Ray Train path with --compile")
-    p.add_argument("--train-sizes", type=image_sides, default=[], metavar="SIDE,...", help="add rows of the project step with the "
-                   "images resized to these sides (e.g. 16,24: the early epochs of --progressive-resize 16:10,24:10)")
+    p.add_argument("--train-sizes", type=image_sides, default=[], metavar="SIDE,...", help="add rows of the project "
+                   "step with the images resized to these sides (e.g. 16,24: the early epochs of --progressive-resize "
+                   "16:10,24:10)")
     p.add_argument("--output", default=None, help="also write the table as JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -163,6 +171,9 @@ def main(argv=None) -> int:
     images, labels = np.ascontiguousarray(data.train.images), data.train.labels
     steps, warmup = (15, 3) if cpu and args.quick else (40, 5) if cpu else (100, 30) if args.quick else (300, 50)
     steps, warmup = step_budget(len(labels), args.batch_size, steps, warmup)
+    if not cpu and warmup <= WARMUP_STEPS:
+        raise UserError(f"bench --device cuda needs more than {WARMUP_STEPS} warm-up steps (the graph-safe step is "
+                        f"captured after {WARMUP_STEPS} eager ones): use a larger data set or a smaller --batch-size")
     ray_samples = min(len(labels), args.batch_size * steps)
     ray_epochs = 2 if args.quick else 3
     fast = use_bf16("auto", device)
@@ -190,6 +201,11 @@ def main(argv=None) -> int:
         row(f"project step, 1 process ({'bf16' if fast else 'fp32'}, {cfg.padding} padding), at {side} px",
             bench_step(images, labels, args.batch_size, device, steps, warmup, fast, cfg, side=side))
         print(f"  {side} px / 32 px step: {rows[-1][1] / full_size:.2f}x", flush=True)
+    graph = "a CUDA graph" if not cpu else "run eagerly on the CPU"
+    row(f"project step, 1 process ({'bf16' if fast else 'fp32'}), graph-safe (static buffers, LR on the device), "
+        f"{graph}",
+        bench_step(images, labels, args.batch_size, device, steps, warmup, fast, cfg, graphed=True))
+    print(f"  graph-safe / eager step: {rows[-1][1] / full_size:.2f}x", flush=True)
     if args.compile:
         eager = full_size
         row(f"project step, 1 process ({'bf16' if fast else 'fp32'}, {cfg.padding} padding), --compile",

@@ -155,6 +155,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the training step (Inductor; measured 0.9-1.3x the eager step on 2-core CPUs with "
                         "native bf16, docs/speed.md); a compile failure falls back to eager with a warning (default off)")
+    g.add_argument("--cuda-graph", choices=("auto", "on", "off"), default=d.cuda_graph,
+                   help="on: the graph-safe training step (static buffers, the LR on the device), captured as one "
+                        "CUDA graph on a GPU, run eagerly on a CPU, one worker only; auto: on for a single CUDA "
+                        "worker; off (default until measured on a GPU): the eager step")
     g.add_argument("--deterministic", action="store_true",
                    help="fp32 numbers that do not depend on --num-workers, bit for bit: every sum over the batch "
                         "(BatchNorm statistics, weight and bias gradients, their all-reduce) is computed "

@@ -114,6 +114,9 @@ class TrainConfig:
     #                              independent of the split (deterministic.py); slower; needs precision fp32 and global BN
     compile: bool = False  # torch.compile (Inductor) of the training forward + backward: 0.9-1.3x the eager step on
     #                        2-core CPUs with native bf16 (docs/speed.md), not enough to make it the default
+    cuda_graph: str = "off"  # "on": the graph-safe step (graphed.py), captured as one CUDA graph on a GPU, run
+    #                          eagerly on a CPU; "auto": on for a single CUDA worker; off by default until a GPU
+    #                          has measured it
     eval_batch_size: int = EVAL_BATCH
     report_test: bool = True  # test accuracy every epoch; Tune trials turn it off (test is for the final pick only)
     test_every: int = 1  # test accuracy every k epochs and at the last: the 10,000 test images in fp32 are ~12% of
@@ -238,6 +241,14 @@ class TrainConfig:
         if self.deterministic and self.compile:
             raise UserError("--deterministic reproduces its numbers bit for bit, which a compiled step (fused, "
                             "reordered sums) does not promise: drop --compile")
+        if self.cuda_graph not in ("auto", "on", "off"):
+            raise UserError(f"--cuda-graph must be auto, on or off, got {self.cuda_graph!r}")
+        if self.cuda_graph == "on" and (self.num_workers > 1 or self.min_workers is not None):
+            raise UserError("--cuda-graph on captures one worker's step (DDP's all-reduce is not inside the graph "
+                            "yet): use --num-workers 1, or --cuda-graph auto to graph only single-worker runs")
+        if self.cuda_graph == "on" and (self.deterministic or self.compile):
+            raise UserError(f"--cuda-graph on replaces the eager step that --"
+                            f"{'deterministic' if self.deterministic else 'compile'} changes: drop one of them")
         if self.deterministic and self.batchnorm != "global":
             raise UserError("--deterministic trains the same model on any number of workers, which per-worker "
                             "BatchNorm statistics do not: drop --batchnorm local")

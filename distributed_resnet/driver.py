@@ -89,7 +89,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, str, str, dict | None]:
 
 
 # What a resumed run may change: how and where it runs, not what it computes.
-MAY_CHANGE_ON_RESUME = {"precision", "compile", "deterministic", "use_gpu", "gpus_per_worker", "num_workers", "min_workers", "cpus_per_worker",
+MAY_CHANGE_ON_RESUME = {"precision", "compile", "cuda_graph", "deterministic", "use_gpu", "gpus_per_worker", "num_workers", "min_workers", "cpus_per_worker",
                         "max_failures", "preemption_check_steps",
                         "data_dir", "download", "storage_path", "name", "resume", "num_to_keep", "eval_batch_size", "test_every",
                         "report_test", "init_weights", "epochs", "batch_size", "per_worker_batch_size"}

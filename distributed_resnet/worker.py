@@ -29,6 +29,7 @@ from .batchnorm import use_global_statistics
 from .compiling import CompiledOrEager, unwrapped
 from .config import TrainConfig
 from .device import local_device, param_dtype, use_bf16
+from .graphed import GraphSafeStep
 from .inference import images_to_tensor, predict
 from .model import ResNet, count_parameters
 from .optim import build_optimizer, training_loss
@@ -73,7 +74,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     model = model.to(device, param_dtype(cfg.precision))
     if fast:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg, fused=fast)
+    graph_safe = _uses_graph_safe_step(cfg, device, world)
+    fused = fast or graph_safe  # the graph-safe step needs the fused optimizers (they take the LR as a tensor)
+    optimizer = build_optimizer(model, cfg, fused=fused)
     n_train = len(splits["train"][1])
     policy = lr_policy(cfg, steps_per_epoch(n_train, cfg.global_batch_size))
     start_epoch, history, restarts, resume = 0, [], [], None
@@ -83,7 +86,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             state = ckpt.load(folder)  # on the CPU: load_state_dict places each tensor (Adam's step stays on the host)
         ckpt.check_compatible(state["meta"], cfg.depth, cfg.version, restored.path, cfg.padding)
         model.load_state_dict(state["model"])
-        ckpt.restore_optimizer(optimizer, state["optimizer"], fused=fast)
+        ckpt.restore_optimizer(optimizer, state["optimizer"], fused=fused)
         policy.load_state_dict(state["lr_policy"])
         start_epoch, history = state["epoch"], state["history"]
         restarts = state["restarts"] + [start_epoch]
@@ -124,6 +127,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         ray.train.report(history[-1])
     first_flips = alternating_flips(n_train, flip_seed(cfg.seed), device) if cfg.flip == "alternate" else None
     augment = Augment(cfg.shift, cfg.max_shift, first_flips) if cfg.augment else None
+    graph_steps = {}  # the graph-safe step, one per training side (--progressive-resize): each its own graph
     for epoch in range(start_epoch, cfg.epochs):
         lr = policy.lr(epoch)
         t0 = time.perf_counter()
@@ -142,8 +146,15 @@ def train_loop_per_worker(loop_config: dict) -> dict:
 
         preempt = PreemptionWatch(on_notice, loop_config.get("preemption_check_steps", 0), local_mode)
         side = cfg.train_size(epoch)
-        train_sums = train_epoch(net, optimizer, splits["train"], plan, augment, fast, preempt,
-                                 policy.lr if policy.per_step else None, cfg.label_smoothing, exact_grads, side)
+        lr_at = policy.lr if policy.per_step else None
+        if graph_safe:
+            if side not in graph_steps:
+                graph_steps[side] = GraphSafeStep(net, optimizer, *splits["train"], cfg.global_batch_size, augment,
+                                                  fast, cfg.label_smoothing, side)
+            train_sums = graph_steps[side].train_epoch(plan, lr_at, preempt)
+        else:
+            train_sums = train_epoch(net, optimizer, splits["train"], plan, augment, fast, preempt, lr_at,
+                                     cfg.label_smoothing, exact_grads, side)
         _synchronize(device)
         train_seconds = time.perf_counter() - t0 + carried_seconds
         train_loss, train_acc = _means(_all_reduce_totals(*train_sums, world, carried))
@@ -180,6 +191,13 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             "parameters": count_parameters(model)}
 
 
+def _uses_graph_safe_step(cfg: TrainConfig, device, world: int) -> bool:
+    """`--cuda-graph on`, or `auto` on a single CUDA worker with neither --deterministic nor --compile."""
+    if cfg.cuda_graph == "auto":
+        return device.type == "cuda" and world == 1 and not (cfg.deterministic or cfg.compile)
+    return cfg.cuda_graph == "on"
+
+
 def _tell(progress, message: dict) -> None:
     """Hand a line to the driver; never let a lost line (its queue gone with a node) stop the training."""
     try:
@@ -196,7 +214,10 @@ def _checkpoint_state(cfg, model, optimizer, policy, history, restarts, world, e
     meta = {"depth": cfg.depth, "version": cfg.version, "padding": cfg.padding, "batchnorm": cfg.batchnorm,
             "epoch": epoch, "metrics": metrics, "parameters": count_parameters(model), "config": cfg.to_dict(),
             **({"mid_epoch_step": mid_epoch["step"]} if mid_epoch else {})}
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_policy": policy.state_dict(),
+    saved = optimizer.state_dict()  # the LR as a number and no capture flag, whichever step trained it
+    saved["param_groups"] = [{**g, "lr": float(g["lr"]), **({"capturable": False} if "capturable" in g else {})}
+                             for g in saved["param_groups"]]
+    return {"model": model.state_dict(), "optimizer": saved, "lr_policy": policy.state_dict(),
             "epoch": epoch, "history": list(history), "restarts": restarts, "meta": meta, "workers": world,
             "mid_epoch": mid_epoch, "rng": {"seed": cfg.seed, "next_epoch": epoch}}
 
@@ -240,8 +261,12 @@ def _checkpoint_to_restore(loop_config: dict, rank: int, world: int):
 
 
 def set_lr(optimizer, lr: float) -> None:
+    """Every group's LR; the graph-safe step's LR tensor is filled in place (its graph reads that address)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 class Augment(NamedTuple):

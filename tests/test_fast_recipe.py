@@ -143,3 +143,4 @@ def test_the_benchmark_times_the_fast_recipe(mini_dir):
     cfg = TrainConfig(recipe="fast").validate()
     args = (data.train.images[:256], data.train.labels[:256], 64, torch.device("cpu"), 2, 1)
     assert bench_plain(*args, False, cfg) > 0 and bench_step(*args, True, cfg) > 0
+    assert bench_step(*args, True, cfg, graphed=True) > 0

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU plan: one device call of at most 9 minutes, the most valuable part first, each part writing its results
+# under $OUT as it ends, and each skipped when what is left of the budget cannot hold it.
+#   1. the graph-safe step captured as a CUDA graph against the eager step (smoke_graph.py, ~20 s);
+#   2. the 200-epoch reference recipe, under its own protocol (--val-size 0) and on the default split, side by side
+#      on the GPU (half of it each), with --cuda-graph on if step 1 passed (else the eager step: they will not
+#      finish, and their checkpoints continue with --resume); stopped with Ctrl-C (SIGINT) at the deadline;
+#   3. bench --device cuda at batch 128, then at 512, alone on the GPU (the rehearsal: 128 and 256).
+# On the device machine, after ../shared/tools/device-stage's calls (it stages Ray and the data):
+#   source .device-stage/pN/unpack.sh && bash experiments/gpu_plan/gpu_plan.sh
+# Rehearsal on a CPU at a tiny size (the same commands, 2 epochs of 512 images, the mini set):
+#   TINY=1 OUT=/tmp/plan CIFAR10_DIR=../shared/cifar10 bash experiments/gpu_plan/gpu_plan.sh
+set -u
+OUT=${OUT:?set OUT}; DATA=${CIFAR10_DIR:?set CIFAR10_DIR}; BUDGET=${BUDGET:-510}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+if [ "${TINY:-0}" = 1 ]; then
+  DEV=cpu; EPOCHS=2; SMALL=(--max-train-samples 512 --max-test-samples 256); PLACE=(--no-gpu --cpus-per-worker 1)
+  BENCH=(--device cpu --quick --data-dir "$DATA/mini" --workers 1); BATCHES="128 256"; RUN_S=120
+else
+  DEV=cuda; EPOCHS=200; SMALL=(); PLACE=(--gpu --gpus-per-worker 0.5); BENCH=(--device cuda --data-dir "$DATA"); BATCHES="128 512"
+  RUN_S=330
+fi
+start=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+log() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/plan.log"; }
+log "plan on $DEV, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), budget ${BUDGET} s"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+
+timeout 150 python experiments/gpu_plan/smoke_graph.py --device $DEV --data-dir "$DATA" --output "$OUT/smoke.json" \
+  > "$OUT/smoke.log" 2>&1
+log "1. smoke: exit $?; $(tail -1 "$OUT/smoke.log")"
+GRAPH=off
+python -c "import json, sys; sys.exit(0 if json.load(open('$OUT/smoke.json'))['within_noise'] else 1)" 2>/dev/null && GRAPH=on
+
+if [ "$(left)" -gt $(( RUN_S + 30 )) ]; then
+  for split in protocol default; do
+    VAL=(); [ $split = protocol ] && VAL=(--val-size 0)
+    timeout -s INT $RUN_S python -m distributed_resnet.train --num-workers 1 "${PLACE[@]}" --cuda-graph $GRAPH \
+      --epochs $EPOCHS "${VAL[@]}" "${SMALL[@]}" --data-dir "$DATA" --storage-path "$OUT/runs" --name ref200_$split \
+      > "$OUT/ref200_$split.log" 2>&1 &
+  done
+  wait
+  log "2. 200-epoch runs (--cuda-graph $GRAPH): $(grep -h -E '^finished|^interrupted' "$OUT"/ref200_*.log | tr '\n' ' ')"
+else
+  log "2. skipped: $(left) s left"
+fi
+
+for batch in $BATCHES; do
+  if [ "$(left)" -gt 100 ]; then
+    timeout $(( $(left) - 10 )) python -m distributed_resnet.bench "${BENCH[@]}" --batch-size $batch \
+      --output "$OUT/bench_$batch.json" > "$OUT/bench_$batch.log" 2>&1
+    log "3. bench batch $batch: exit $?"
+  else
+    log "3. bench batch $batch skipped: $(left) s left"
+  fi
+done
+log "done"
