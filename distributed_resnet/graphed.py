@@ -121,13 +121,17 @@ class GraphSafeStep:
             self.eager_steps += 1
         else:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records, runs nothing
+            # thread_local: Ray Train runs the loop in a thread of the worker; another thread's CUDA call during
+            # the capture must not invalidate it
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # records, runs nothing
                 self._body(self.idx, self.dy, self.dx, self.flip, self.sums)
             self.graph.replay()
 
     def train_epoch(self, plan, lr_at=None, watch=None) -> tuple[torch.Tensor, int]:
         """`worker.train_epoch`'s contract: device sums (loss, correct) and the image count; no host sync. `watch`:
         a PreemptionWatch, told after every step."""
+        if plan.world != 1:  # the loss is this worker's mean: DDP's average over workers would need its weight
+            raise ValueError("the graph-safe step trains one worker: DDP's all-reduce is not inside its graph")
         order = plan.order.to(self.device)
         self.model.train()
         self.sums.zero_()

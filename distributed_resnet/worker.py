@@ -127,7 +127,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         ray.train.report(history[-1])
     first_flips = alternating_flips(n_train, flip_seed(cfg.seed), device) if cfg.flip == "alternate" else None
     augment = Augment(cfg.shift, cfg.max_shift, first_flips) if cfg.augment else None
-    graph_steps = {}  # the graph-safe step, one per training side (--progressive-resize): each its own graph
+    graph_steps = {}  # the graph-safe step of this epoch's training side (--progressive-resize): its own graph
     for epoch in range(start_epoch, cfg.epochs):
         lr = policy.lr(epoch)
         t0 = time.perf_counter()
@@ -148,7 +148,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         side = cfg.train_size(epoch)
         lr_at = policy.lr if policy.per_step else None
         if graph_safe:
-            if side not in graph_steps:
+            if side not in graph_steps:  # a new side: the last side's graph and its memory pool are done with
+                graph_steps.clear()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 graph_steps[side] = GraphSafeStep(net, optimizer, *splits["train"], cfg.global_batch_size, augment,
                                                   fast, cfg.label_smoothing, side)
             train_sums = graph_steps[side].train_epoch(plan, lr_at, preempt)

@@ -18,7 +18,8 @@ if [ "${TINY:-0}" = 1 ]; then
   DEV=cpu; EPOCHS=2; SMALL=(--max-train-samples 512 --max-test-samples 256); PLACE=(--no-gpu --cpus-per-worker 1)
   BENCH=(--device cpu --quick --data-dir "$DATA/mini" --workers 1); BATCHES="128 256"; RUN_S=120
 else
-  DEV=cuda; EPOCHS=200; SMALL=(); PLACE=(--gpu --gpus-per-worker 0.5); BENCH=(--device cuda --data-dir "$DATA"); BATCHES="128 512"
+  DEV=cuda; EPOCHS=200; SMALL=(); PLACE=(--gpu --gpus-per-worker 0.5)
+  BENCH=(--device cuda --data-dir "$DATA"); BATCHES="128 512"
   RUN_S=330
 fi
 start=$(date +%s)
@@ -27,17 +28,20 @@ log() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/plan.log"; }
 log "plan on $DEV, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), budget ${BUDGET} s"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
+rm -f "$OUT/smoke.json"
 timeout 150 python experiments/gpu_plan/smoke_graph.py --device $DEV --data-dir "$DATA" --output "$OUT/smoke.json" \
   > "$OUT/smoke.log" 2>&1
 log "1. smoke: exit $?; $(tail -1 "$OUT/smoke.log")"
 GRAPH=off
-python -c "import json, sys; sys.exit(0 if json.load(open('$OUT/smoke.json'))['within_noise'] else 1)" 2>/dev/null && GRAPH=on
+python -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))['passed'] else 1)" "$OUT/smoke.json" \
+  2>/dev/null && GRAPH=on
 
 if [ "$(left)" -gt $(( RUN_S + 30 )) ]; then
   for split in protocol default; do
     VAL=(); [ $split = protocol ] && VAL=(--val-size 0)
-    timeout -s INT $RUN_S python -m distributed_resnet.train --num-workers 1 "${PLACE[@]}" --cuda-graph $GRAPH \
-      --epochs $EPOCHS "${VAL[@]}" "${SMALL[@]}" --data-dir "$DATA" --storage-path "$OUT/runs" --name ref200_$split \
+    timeout -s INT -k 30 $RUN_S python -m distributed_resnet.train --num-workers 1 "${PLACE[@]}" --cuda-graph $GRAPH \
+      --epochs $EPOCHS ${VAL[@]+"${VAL[@]}"} ${SMALL[@]+"${SMALL[@]}"} --data-dir "$DATA" \
+      --storage-path "$OUT/runs" --name ref200_$split \
       > "$OUT/ref200_$split.log" 2>&1 &
   done
   wait
