@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .sharding import step_seed
+
 SHIFTS = ("bilinear", "pixel")
 SHIFT_FRACTION = 0.1  # width_shift_range = height_shift_range = 0.1 in the reference
 
@@ -46,6 +48,20 @@ def draw_flip_shift(n: int, h: int, w: int, shift: str, device, generator: torch
     else:
         raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
     return dy, dx, flip
+
+
+def step_draws(augment, plan, step: int, idx: torch.Tensor, start: int, size: int, step_size: int, h: int, w: int,
+               generator: torch.Generator):
+    """(dy, dx, flip) of this worker's `size` images of `step` (from `idx`, at `start` in the epoch's order): the
+    whole step's `step_size` draws from the step's own seed, this worker's rows kept, so that they do not depend on
+    N; with `augment.first_flips` (`--flip alternate`), each image's flip of its epoch instead."""
+    generator.manual_seed(step_seed(plan.seed, plan.epoch, step))
+    first = start - step * plan.batch  # this worker's rows of the step's draws
+    dy, dx, flip = draw_flip_shift(step_size, h, w, augment.shift, idx.device, generator, augment.max_shift)
+    flip = flip[first:first + size]
+    if augment.first_flips is not None:  # a function of (image, epoch): independent of N too
+        flip = (augment.first_flips[idx] ^ bool(plan.epoch % 2)).unsqueeze(1)
+    return dy[first:first + size], dx[first:first + size], flip
 
 
 def alternating_flips(n: int, seed: int, device) -> torch.Tensor:

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .augment import draw_flip_shift, resize, shift_images, to_float
+from .augment import resize, shift_images, step_draws, to_float
 from .optim import training_loss
-from .sharding import step_seed
 
 WARMUP_STEPS = 3  # eager steps on a side stream before the capture
 
@@ -79,30 +78,21 @@ class GraphSafeStep:
         with torch.no_grad():
             sums += torch.stack([loss.detach().double() * len(idx), (logits.argmax(1) == y).sum().double()])
 
-    def _draws(self, plan, step: int, idx, start: int, size: int, step_size: int):
-        """The eager step's draws for `step`: the same seed, the whole step drawn, this worker's rows."""
-        _, _, h, w = self.images.shape
-        self.generator.manual_seed(step_seed(plan.seed, plan.epoch, step))
-        first = start - step * plan.batch
-        dy, dx, flip = draw_flip_shift(step_size, h, w, self.augment.shift, self.device, self.generator,
-                                       self.augment.max_shift)
-        flip = flip[first:first + size]
-        if self.augment.first_flips is not None:
-            flip = (self.augment.first_flips[idx] ^ bool(plan.epoch % 2)).unsqueeze(1)
-        return dy[first:first + size], dx[first:first + size], flip
-
-    def _prepare(self, plan, step: int, order) -> tuple[int, bool]:
-        """Launch this step's inputs into the static buffers; (this worker's images, whether it is a full step)."""
+    def _prepare(self, plan, step: int, order) -> tuple[int, tuple | None]:
+        """This step's inputs: launched into the static buffers for a full step, returning (its images, None); for
+        the epoch's last, smaller step (its images, its own index and draw tensors)."""
         start, size, step_size = plan.step(step)
+        idx = order[start:start + size]
+        _, _, h, w = self.images.shape
+        draws = step_draws(self.augment, plan, step, idx, start, size, step_size, h, w, self.generator) \
+            if self.augment else (None, None, None)
         if size != self.batch:
-            return size, False
-        self.idx.copy_(order[start:start + size])
+            return size, (idx, *draws)
+        self.idx.copy_(idx)
         if self.augment:
-            dy, dx, flip = self._draws(plan, step, self.idx, start, size, step_size)
-            self.dy.copy_(dy)
-            self.dx.copy_(dx)
-            self.flip.copy_(flip)
-        return size, True
+            for buffer, drawn in zip((self.dy, self.dx, self.flip), draws):
+                buffer.copy_(drawn)
+        return size, None
 
     def _run_full_step(self) -> None:
         """A full step from the static buffers: replayed once captured; on CUDA the first `WARMUP_STEPS` run eagerly
@@ -139,12 +129,9 @@ class GraphSafeStep:
         for step in range(plan.first_step, plan.stop_step):
             if lr_at is not None:
                 self.lr.fill_(lr_at(plan.epoch, step))
-            size, full = self._prepare(plan, step, order)
-            if not full:  # the epoch's last, smaller step: the same body on fresh tensors, eagerly
-                start, _, step_size = plan.step(step)
-                idx = order[start:start + size]
-                dy, dx, flip = self._draws(plan, step, idx, start, size, step_size) if self.augment else (None,) * 3
-                self._body(idx, dy, dx, flip, self.sums)
+            size, short = self._prepare(plan, step, order)
+            if short:  # the epoch's last, smaller step: the same body on its own tensors, eagerly
+                self._body(*short, self.sums)
             else:
                 self._run_full_step()
             count += size

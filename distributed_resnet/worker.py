@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import deterministic
-from .augment import alternating_flips, draw_flip_shift, resize, shift_images, to_float
+from .augment import alternating_flips, resize, shift_images, step_draws, to_float
 from .batchnorm import use_global_statistics
 from .compiling import CompiledOrEager, unwrapped
 from .config import TrainConfig
@@ -34,7 +34,7 @@ from .inference import images_to_tensor, predict
 from .model import ResNet, count_parameters
 from .optim import build_optimizer, training_loss
 from .schedule import lr_policy
-from .sharding import check_last_step_fits, epoch_order, flip_seed, step_seed, step_slice, steps_per_epoch
+from .sharding import check_last_step_fits, epoch_order, flip_seed, step_slice, steps_per_epoch
 
 
 # No buffer sync on every forward (global BatchNorm keeps them equal; per-worker BatchNorm broadcasts rank 0's once
@@ -127,7 +127,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         ray.train.report(history[-1])
     first_flips = alternating_flips(n_train, flip_seed(cfg.seed), device) if cfg.flip == "alternate" else None
     augment = Augment(cfg.shift, cfg.max_shift, first_flips) if cfg.augment else None
-    graph_steps = {}  # the graph-safe step of this epoch's training side (--progressive-resize): its own graph
+    graph_step = None  # the graph-safe step of this epoch's training side (--progressive-resize): its own graph
     for epoch in range(start_epoch, cfg.epochs):
         lr = policy.lr(epoch)
         t0 = time.perf_counter()
@@ -148,13 +148,13 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         side = cfg.train_size(epoch)
         lr_at = policy.lr if policy.per_step else None
         if graph_safe:
-            if side not in graph_steps:  # a new side: the last side's graph and its memory pool are done with
-                graph_steps.clear()
+            if graph_step is None or graph_step.side != side:  # a new side: the last side's graph is done with
+                graph_step = None
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                graph_steps[side] = GraphSafeStep(net, optimizer, *splits["train"], cfg.global_batch_size, augment,
-                                                  fast, cfg.label_smoothing, side)
-            train_sums = graph_steps[side].train_epoch(plan, lr_at, preempt)
+                graph_step = GraphSafeStep(net, optimizer, *splits["train"], cfg.global_batch_size, augment, fast,
+                                           cfg.label_smoothing, side)
+            train_sums = graph_step.train_epoch(plan, lr_at, preempt)
         else:
             train_sums = train_epoch(net, optimizer, splits["train"], plan, augment, fast, preempt, lr_at,
                                      cfg.label_smoothing, exact_grads, side)
@@ -323,13 +323,7 @@ def train_epoch(net, optimizer, train, plan: EpochPlan, augment: Augment | None,
         idx = order[start:start + size]
         x, y = to_float(images[idx], dtype), labels[idx]
         if augment:
-            gen.manual_seed(step_seed(plan.seed, plan.epoch, step))
-            first = start - step * plan.batch  # this worker's rows of the step's draws
-            dy, dx, flip = draw_flip_shift(step_size, h, w, augment.shift, device, gen, augment.max_shift)
-            flip = flip[first:first + size]
-            if augment.first_flips is not None:  # a function of (image, epoch): independent of N too
-                flip = (augment.first_flips[idx] ^ bool(plan.epoch % 2)).unsqueeze(1)
-            x = shift_images(x, dy[first:first + size], dx[first:first + size], flip)
+            x = shift_images(x, *step_draws(augment, plan, step, idx, start, size, step_size, h, w, gen))
         x = resize(x, side)
         if fast:
             x = x.contiguous(memory_format=torch.channels_last)

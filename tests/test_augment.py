@@ -91,20 +91,11 @@ def test_to_float_scales_to_unit_interval():
 def test_augmentation_builds_no_tensor_from_host_data():
     """A tensor made from Python values (`torch.tensor([...], device=...)`, seen by the dispatcher as lift_fresh) is a
     blocking host-to-device copy on CUDA every step, and cannot be captured in a CUDA graph: only device-side ops."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.add(str(func))
-            return func(*args, **(kwargs or {}))
+    from dispatch_ops import OpsSeen
 
     x = torch.rand(8, 3, 32, 32)
     for shift in ("bilinear", "pixel"):
-        with Ops() as ops:
+        with OpsSeen() as ops:
             random_flip_shift(x, shift, generator=torch.Generator().manual_seed(0))
         assert "aten.rand.generator" in ops.seen  # the recorder sees the augmentation's ops
         assert not {op for op in ops.seen if "lift_fresh" in op}, shift

@@ -8,24 +8,14 @@ import re
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from dispatch_ops import OpsSeen
 from distributed_resnet.augment import alternating_flips
 from distributed_resnet.graphed import GraphSafeStep
 from distributed_resnet.model import ResNet, param_groups
 from distributed_resnet.worker import Augment, EpochPlan, train_epoch
 
 N, BATCH, SEED = 72, 32, 3  # steps of 32, 32 and 8
-
-
-class Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.add(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _setup(optimizer: str, flips: str):
@@ -87,10 +77,10 @@ def test_a_full_step_keeps_its_addresses_and_never_syncs_with_the_host():
     step._prepare(plan, 0, order)
     step._run_full_step()  # the first step creates the gradients and Adam's state
     before = addresses()
-    with Ops() as host_side:
+    with OpsSeen() as host_side:
         step.lr.fill_(2e-3)
         step._prepare(plan, 1, order)
-    with Ops() as inside:
+    with OpsSeen() as inside:
         step._run_full_step()
     assert addresses() == before
     assert "aten.convolution_backward.default" in inside.seen and "aten._fused_adam_.tensor_lr" in inside.seen
