@@ -10,7 +10,11 @@ whole-pixel shifts and label smoothing):
   recipe with TF 'same' padding and with symmetric padding (what the reference's padding costs);
 - `ray`: the full Ray Train path (`run_training`, N workers, DDP), steady-state epochs, plus its wall time; with
   several workers once with per-worker BatchNorm statistics, once with the global BatchNorm (the default), and
-  once in fp32 with `--deterministic` (sums over the batch independent of N: `deterministic.py`).
+  once in fp32 with `--deterministic` (sums over the batch independent of N: `deterministic.py`); with one worker
+  also with `--cuda-graph on` (the graph-safe step: one CUDA graph per step on a GPU, eager on a CPU);
+- `packed` (`--packed N`): N Ray Train runs of 1 worker at once, sharing one GPU (`--gpus-per-worker 1/N`; on a
+  CPU, `--cpus-per-worker` each), as N separate `python -m distributed_resnet.train` drivers on one Ray cluster:
+  their images/s together, and how much of their timed spans all N ran side by side.
 Each prints images/s, seconds per 45,000-image epoch and the ratio to `plain fp32`, and peak GPU memory on CUDA.
 Timing waits for the device (synchronize) before reading the clock, after warm-up steps.
 """
@@ -19,6 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -121,7 +128,7 @@ def bench_step(images, labels, batch, device, steps, warmup, fast, cfg: TrainCon
 
 
 def bench_ray(data_dir, workers, batch, samples, epochs, use_gpu, batchnorm="global", recipe="keras",
-              deterministic=False, compiled=False, cpus_per_worker=1) -> tuple[float, float]:
+              deterministic=False, compiled=False, cpus_per_worker=1, graphed=False) -> tuple[float, float]:
     """(steady-state images/s of the last epoch, wall seconds of the whole run) for the Ray Train path."""
     from .driver import run_training
 
@@ -129,11 +136,73 @@ def bench_ray(data_dir, workers, batch, samples, epochs, use_gpu, batchnorm="glo
         cfg = TrainConfig(recipe=recipe, num_workers=workers, batch_size=batch, epochs=epochs, data_dir=data_dir,
                           max_train_samples=samples, storage_path=tmp, name="bench", use_gpu=use_gpu, num_to_keep=1,
                           batchnorm=batchnorm, deterministic=deterministic, compile=compiled,
-                          cpus_per_worker=cpus_per_worker,
+                          cpus_per_worker=cpus_per_worker, cuda_graph="on" if graphed else "off",
                           precision="fp32" if deterministic else "auto")
         t0 = time.time()
         results = run_training(cfg, quiet=True)
         return results["history"][-1]["images_per_second"], time.time() - t0
+
+
+def bench_packed(data_dir, runs, batch, samples, epochs, use_gpu, recipe="keras", cpus_per_worker=1
+                 ) -> tuple[float, float]:
+    """(images/s of `runs` Ray Train runs at once, all together; the overlap of their timed spans, `packed_rate`).
+
+    Each run is its own driver process, `python -m distributed_resnet.train --address <the bench's cluster>`, of
+    1 worker with `--gpus-per-worker 1/runs` on a GPU (the step a CUDA graph there, `--cuda-graph auto`), as a
+    user packs several runs, or a sweep its trials, on one GPU. Test only in the last epoch.
+    """
+    import ray
+
+    from .driver import init_ray
+
+    init_ray()  # the local cluster the Ray rows use; the runs join it
+    command = [sys.executable, "-m", "distributed_resnet.train", "--address", ray.get_runtime_context().gcs_address,
+               "--recipe", recipe, "--num-workers", "1", "--cpus-per-worker", str(cpus_per_worker),
+               "--batch-size", str(batch), "--epochs", str(epochs), "--test-every", str(epochs),
+               "--max-train-samples", str(samples), "--data-dir", data_dir, "--num-to-keep", "1",
+               "--cuda-graph", "auto", *(("--gpu", "--gpus-per-worker", f"{1 / runs:.4f}") if use_gpu else ("--no-gpu",))]
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = [open(os.path.join(tmp, f"run{i}.log"), "w") for i in range(runs)]
+        procs = [subprocess.Popen(command + ["--storage-path", tmp, "--name", f"run{i}"], stdout=log,
+                                  stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
+        codes = [proc.wait() for proc in procs]
+        for log in logs:
+            log.close()
+        if any(codes):
+            failed = codes.index(next(code for code in codes if code))
+            with open(logs[failed].name) as f:
+                tail = f.read().strip().splitlines()[-1:]
+            raise RuntimeError(f"packed run {failed} of {runs} exited {codes[failed]}: {tail}")
+        histories = []
+        for i in range(runs):
+            with open(os.path.join(tmp, f"run{i}", "results.json")) as f:
+                histories.append(json.load(f)["history"])
+    return packed_rate(histories)
+
+
+def packed_rate(histories: list[list[dict]]) -> tuple[float, float]:
+    """(images/s of all runs together, overlap) from each run's epochs after its first (warm-up, capture).
+
+    A run's rate: the images of those epochs over the wall time from the end of its first epoch to the end of its
+    last, its evaluations included. The sum is the runs' throughput together only while they all ran at once:
+    the overlap is the share of the longest run's span during which every run was in its span (1.0: side by side
+    throughout; lower: a run ran partly alone, and the sum overstates).
+    """
+    if any(len(history) < 2 for history in histories):
+        raise ValueError("packed_rate needs at least 2 epochs of each run")
+    spans = [(history[0]["ended_at"], history[-1]["ended_at"]) for history in histories]
+    total = sum(sum(h["images_per_second"] * h["train_seconds"] for h in history[1:]) / (end - start)
+                for history, (start, end) in zip(histories, spans))
+    common = min(end for _, end in spans) - max(start for start, _ in spans)
+    return total, max(0.0, common) / max(end - start for start, end in spans)
+
+
+def run_counts(text: str) -> list[int]:
+    """`--packed 2,4`: how many runs share the GPU, per row."""
+    counts = [part.strip() for part in text.split(",") if part.strip()]
+    if not counts or not all(count.isdigit() and 2 <= int(count) <= 16 for count in counts):
+        raise argparse.ArgumentTypeError(f"takes run counts of 2 to 16, comma-separated (e.g. 2,4), got {text!r}")
+    return [int(count) for count in counts]
 
 
 def image_sides(text: str) -> list[int]:
@@ -160,6 +229,9 @@ def main(argv=None) -> int:
     p.add_argument("--train-sizes", type=image_sides, default=[], metavar="SIDE,...", help="add rows of the project "
                    "step with the images resized to these sides (e.g. 16,24: the early epochs of --progressive-resize "
                    "16:10,24:10)")
+    p.add_argument("--packed", type=run_counts, default=[], metavar="N,...", help="add rows of N Ray Train runs of "
+                   "1 worker at once, sharing the GPU (--gpus-per-worker 1/N; on a CPU --cpus-per-worker each): "
+                   "their images/s together")
     p.add_argument("--output", default=None, help="also write the table as JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -198,10 +270,12 @@ def main(argv=None) -> int:
             bench_step(images, labels, args.batch_size, device, steps, warmup, fast, cfg, side=side))
         print(f"  {side} px / 32 px step: {rows[-1][1] / full_size:.2f}x", flush=True)
     graph = "a CUDA graph" if not cpu else "run eagerly on the CPU"
+    graph_row = None
     if cpu or warmup > WARMUP_STEPS:  # on CUDA it is captured after WARMUP_STEPS eager steps, all in the warm-up
         row(f"project step, 1 process ({'bf16' if fast else 'fp32'}), graph-safe (static buffers, LR on the "
             f"device), {graph}", bench_step(images, labels, args.batch_size, device, steps, warmup, fast, cfg,
                                             graphed=True))
+        graph_row = rows[-1][1]
         print(f"  graph-safe / eager step: {rows[-1][1] / full_size:.2f}x", flush=True)
     else:
         print(f"  (graph-safe step skipped: {warmup} warm-up steps fit the data, it needs {WARMUP_STEPS + 1})",
@@ -213,37 +287,57 @@ def main(argv=None) -> int:
         print(f"  compiled / eager step: {rows[-1][1] / eager:.2f}x", flush=True)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if not cpu else None
     singles = len(rows)
-    variants = (("local", False, False), ("global", False, False), ("global", True, False)) if workers > 1 \
-        else (("global", False, False), ("global", True, False))
+    # (batchnorm, deterministic, compiled, graphed)
+    variants = (("local", False, False, False), ("global", False, False, False), ("global", True, False, False)) \
+        if workers > 1 else (("global", False, False, False), ("global", False, False, True),
+                             ("global", True, False, False))
     ray_rows = {}
-    for batchnorm, deterministic, compiled in variants + ((("global", False, True),) if args.compile else ()):
+    for batchnorm, deterministic, compiled, graphed in variants + ((("global", False, True, False),) if args.compile
+                                                                  else ()):
         ips, wall = bench_ray(args.data_dir, workers, args.batch_size, ray_samples, ray_epochs, not cpu, batchnorm,
-                              args.recipe, deterministic, compiled, args.cpus_per_worker)
-        ray_rows[(deterministic, compiled, batchnorm)] = ips
+                              args.recipe, deterministic, compiled, args.cpus_per_worker, graphed)
+        ray_rows[(deterministic, compiled, batchnorm, graphed)] = ips
         what = {"local": ", per-worker BatchNorm", "global": ", global BatchNorm (the default)"}[batchnorm] \
             if workers > 1 else ""
         if deterministic:
             what = ", fp32 --deterministic"
         if compiled:
             what += ", --compile"
+        if graphed:
+            what += f", --cuda-graph on ({graph.replace('run eagerly', 'eager')})"
         if args.cpus_per_worker > 1:
             what += f", {args.cpus_per_worker} CPUs each"
         row(f"Ray Train path, {workers} worker{'s' if workers > 1 else ''}{what}", ips)
+        if graphed and graph_row and not cpu:  # on a CPU the 1-process rows use every thread, a worker its own
+            print(f"  Ray Train path / 1 process, both graph-safe: {ips / graph_row:.2f}x", flush=True)
     if args.compile:
         print(f"  Ray Train path, --compile / eager: "
-              f"{ray_rows[(False, True, 'global')] / ray_rows[(False, False, 'global')]:.2f}x", flush=True)
+              f"{ray_rows[(False, True, 'global', False)] / ray_rows[(False, False, 'global', False)]:.2f}x", flush=True)
+    packed_samples = min(len(labels), EPOCH_IMAGES) if not cpu else ray_samples
+    packed_epochs, overlaps = ray_epochs + 2, {}
+    for runs in args.packed:
+        ips, overlap = bench_packed(args.data_dir, runs, args.batch_size, packed_samples, packed_epochs, not cpu,
+                                    args.recipe, args.cpus_per_worker)
+        share = f"--gpus-per-worker {1 / runs:.4g}, a CUDA graph each" if not cpu else \
+            f"{args.cpus_per_worker} CPU each"
+        row(f"{runs} Ray Train runs at once, 1 worker each ({share}), together", ips)
+        overlaps[runs] = overlap
+        print(f"  all {runs} ran side by side for {overlap:.0%} of the longest run's timed span"
+              f"{' (less than 80%: the total overstates)' if overlap < 0.8 else ''}", flush=True)
     base, best_single = rows[0][1], max(ips for name, ips in rows[:singles])
     print(f"\n{'variant':<66} {'images/s':>10} {'s/epoch':>8} {'vs plain':>9} {'vs best 1-process':>18}")
     for name, ips in rows:
         print(f"{name:<66} {ips:>10,.0f} {EPOCH_IMAGES / ips:>8.1f} {ips / base:>8.2f}x {ips / best_single:>17.2f}x")
     print(f"(s/epoch: {EPOCH_IMAGES:,} images; Ray rows: the last of {ray_epochs} epochs; "
           f"Ray run wall time incl. start-up: {wall:.1f}s for "
-          f"{ray_epochs} x {ray_samples} images{f'; peak GPU memory {peak:.2f} GiB' if peak else ''})")
+          f"{ray_epochs} x {ray_samples} images{f'; peak GPU memory {peak:.2f} GiB' if peak else ''}"
+          + (f"; packed rows: epochs 2-{packed_epochs} of {packed_samples} images per run, evaluation included"
+             if args.packed else "") + ")")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"recipe": args.recipe, "device": args.device, "batch_size": args.batch_size, "workers": workers,
                        "rows": [{"variant": n, "images_per_second": i} for n, i in rows],
-                       "ray_wall_seconds": wall, "peak_gpu_gib": peak}, f, indent=1)
+                       "ray_wall_seconds": wall, "peak_gpu_gib": peak, "packed_overlap": overlaps}, f, indent=1)
     return 0
 
 

@@ -244,8 +244,9 @@ class TrainConfig:
         if self.cuda_graph not in ("auto", "on", "off"):
             raise UserError(f"--cuda-graph must be auto, on or off, got {self.cuda_graph!r}")
         if self.cuda_graph == "on" and (self.num_workers > 1 or self.min_workers is not None):
-            raise UserError("--cuda-graph on captures one worker's step (DDP's all-reduce is not inside the graph "
-                            "yet): use --num-workers 1, or --cuda-graph auto to graph only single-worker runs")
+            raise UserError("--cuda-graph on captures one worker's step (a graph of DDP's all-reduce needs NCCL "
+                            "and a GPU per worker; see docs/speed.md): use --num-workers 1, or --cuda-graph auto to "
+                            "graph only single-worker runs")
         if self.cuda_graph == "on" and (self.deterministic or self.compile):
             raise UserError(f"--cuda-graph on replaces the eager step that --"
                             f"{'deterministic' if self.deterministic else 'compile'} changes: drop one of them")

@@ -9,7 +9,9 @@ the same numbers. On CUDA the step is captured once, after a few eager steps, an
 elsewhere (the CPU tests) the same step runs eagerly. The last, smaller step of an epoch runs eagerly through the
 same code.
 
-Single worker only, for now: DDP's all-reduce and the global BatchNorm's all-gathers are not inside the capture.
+Single worker only: capturing DDP's all-reduce and the global BatchNorm's all-gathers needs NCCL (gloo's
+collectives run on the host) and so one GPU per worker, which no machine this project runs on has had; untested
+code would be a claim. Several runs sharing one GPU each capture their own step (`bench --packed`).
 """
 
 from __future__ import annotations

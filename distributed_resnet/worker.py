@@ -175,7 +175,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc,
             "val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc,
             "images_per_second": n_train / train_seconds, "train_seconds": train_seconds,
-            "epoch_seconds": time.perf_counter() - t0 + carried_seconds, "lr_cut": cut,
+            "epoch_seconds": time.perf_counter() - t0 + carried_seconds, "ended_at": time.time(), "lr_cut": cut,
             "workers": world, "train_size": side or splits["train"][0].shape[-1],
             **({"resumed_at_step": first_step} if first_step else {}),
         }

@@ -77,11 +77,15 @@ def test_a_last_batch_smaller_than_the_workers_is_refused_before_ray_starts(tmp_
     assert not (tmp_path / "x").exists()
 
 
-def test_bench_refuses_a_side_it_cannot_train_at(capsys):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--train-sizes", "16,40", "takes sides of 8 to 32 px, comma-separated (e.g. 16,24), got '16,40'"),
+    ("--packed", "1,4", "takes run counts of 2 to 16, comma-separated (e.g. 2,4), got '1,4'"),
+])
+def test_bench_refuses_rows_it_cannot_time(capsys, flag, value, message):
     from distributed_resnet import bench
 
     with pytest.raises(SystemExit) as e:
-        bench.main(["--device", "cpu", "--train-sizes", "16,40"])
+        bench.main(["--device", "cpu", flag, value])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert "argument --train-sizes: takes sides of 8 to 32 px, comma-separated (e.g. 16,24), got '16,40'" in err
+    assert f"argument {flag}: {message}" in err

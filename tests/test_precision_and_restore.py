@@ -171,6 +171,23 @@ def test_bench_times_only_full_batches_of_real_images():
             assert steps >= 1 and warmup >= 1 and (steps + warmup) * b <= n, (n, b, steps, warmup)
 
 
+def test_packed_runs_count_their_images_over_each_runs_own_steady_span():
+    """bench --packed: a run's rate is its epochs after the first over the wall time they took (evaluation
+    included), summed over the runs; the overlap says how long they all ran at once."""
+    from distributed_resnet.bench import packed_rate
+
+    def history(ends, images=1000, train_seconds=0.5):
+        return [{"ended_at": end, "images_per_second": images / train_seconds, "train_seconds": train_seconds}
+                for end in ends]
+
+    together, overlap = packed_rate([history([10, 12, 14, 16]), history([11, 13, 15, 17])])
+    assert together == pytest.approx(3000 / 6 + 3000 / 6) and overlap == pytest.approx(5 / 6)
+    apart, overlap = packed_rate([history([0, 2, 4]), history([10, 12, 14])])
+    assert apart == pytest.approx(2 * 2000 / 4) and overlap == 0.0  # one after the other: the sum overstates
+    with pytest.raises(ValueError, match="at least 2 epochs"):
+        packed_rate([history([1])])
+
+
 def test_auto_bf16_on_cuda_needs_ampere_or_later():
     """T4 (7.5) and V100 (7.0) emulate bf16: auto stays fp32 there; A100 (8.0), A10G (8.6), H100 (9.0) use bf16."""
     from distributed_resnet.device import cuda_has_native_bf16

@@ -5,7 +5,11 @@
 #   2. the 200-epoch reference recipe, under its own protocol (--val-size 0) and on the default split, side by side
 #      on the GPU (half of it each), with --cuda-graph on if step 1 passed (else the eager step: they will not
 #      finish, and their checkpoints continue with --resume); stopped with Ctrl-C (SIGINT) at the deadline;
-#   3. bench --device cuda at batch 128, then at 512, alone on the GPU (the rehearsal: 128 and 256).
+#   3. bench --device cuda at batch 128 (with 2 and 4 runs packed on the GPU, --packed 2,4), then at 512, alone on
+#      the GPU (the rehearsal: 128 with --packed 2, and 256);
+#   4. if time is left, the full-length sweep with its confirmation (tune_configs/lr_plateau_full.yaml, 8 trials
+#      sharing the GPU, --cuda-graph on in every trial if step 1 passed), stopped with SIGINT at the deadline: it
+#      continues with the same command plus --resume (the rehearsal: the same file with --fast-dev-run).
 # On the device machine, after ../shared/tools/device-stage's calls (it stages Ray and the data):
 #   source .device-stage/pN/unpack.sh && bash experiments/gpu_plan/gpu_plan.sh
 # Rehearsal on a CPU at a tiny size (the same commands, 2 epochs of 512 images, the mini set):
@@ -16,10 +20,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RAY_USAGE_STATS_ENABLED=0 PY
 mkdir -p "$OUT"
 if [ "${TINY:-0}" = 1 ]; then
   DEV=cpu; EPOCHS=2; SMALL=(--max-train-samples 512 --max-test-samples 256); PLACE=(--no-gpu --cpus-per-worker 1)
-  BENCH=(--device cpu --quick --data-dir "$DATA/mini" --workers 1); BATCHES="128 256"; RUN_S=120
+  BENCH=(--device cpu --quick --data-dir "$DATA/mini" --workers 1); BATCHES="128 256"; RUN_S=120; PACKED=2
+  SWEEP=(--data-dir "$DATA/mini" --fast-dev-run --gpus-per-worker 0 --max-concurrent-trials 2)
 else
   DEV=cuda; EPOCHS=200; SMALL=(); PLACE=(--gpu --gpus-per-worker 0.5)
-  BENCH=(--device cuda --data-dir "$DATA"); BATCHES="128 512"
+  BENCH=(--device cuda --data-dir "$DATA"); BATCHES="128 512"; PACKED=2,4
+  SWEEP=(--data-dir "$DATA" --cpus-per-worker 1 --gpus-per-worker 0.125 --max-concurrent-trials 8)
   RUN_S=330
 fi
 start=$(date +%s)
@@ -52,11 +58,22 @@ fi
 
 for batch in $BATCHES; do
   if [ "$(left)" -gt 100 ]; then
+    MORE=(); [ "$batch" = 128 ] && MORE=(--packed $PACKED)
     timeout $(( $(left) - 10 )) python -m distributed_resnet.bench "${BENCH[@]}" --batch-size $batch \
-      --output "$OUT/bench_$batch.json" > "$OUT/bench_$batch.log" 2>&1
+      ${MORE[@]+"${MORE[@]}"} --output "$OUT/bench_$batch.json" > "$OUT/bench_$batch.log" 2>&1
     log "3. bench batch $batch: exit $?"
   else
     log "3. bench batch $batch skipped: $(left) s left"
   fi
 done
+if [ "$(left)" -gt 90 ]; then
+  # The sweep's file, with --cuda-graph on in every trial if the smoke test passed (a copy: the YAML stays as it is).
+  python -c "import sys, yaml; spec = yaml.safe_load(open(sys.argv[1])); spec['fixed']['cuda_graph'] = sys.argv[2];
+yaml.safe_dump(spec, open(sys.argv[3], 'w'), sort_keys=False)" tune_configs/lr_plateau_full.yaml $GRAPH "$OUT/sweep.yaml"
+  timeout -s INT -k 30 $(( $(left) - 40 )) python -m distributed_resnet.tune --config "$OUT/sweep.yaml" "${SWEEP[@]}" \
+    --storage-path "$OUT/sweeps" --name lr_plateau_full > "$OUT/sweep.log" 2>&1
+  log "4. sweep (--cuda-graph $GRAPH): exit $? (124: stopped at the deadline; continue with the same command plus --resume); $(tail -1 "$OUT/sweep.log")"
+else
+  log "4. sweep skipped: $(left) s left"
+fi
 log "done"
