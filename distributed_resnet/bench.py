@@ -168,11 +168,11 @@ def bench_packed(data_dir, runs, batch, samples, epochs, use_gpu, recipe="keras"
         codes = [proc.wait() for proc in procs]
         for log in logs:
             log.close()
-        if any(codes):
-            failed = codes.index(next(code for code in codes if code))
+        failed = next((i for i, code in enumerate(codes) if code), None)
+        if failed is not None:
             with open(logs[failed].name) as f:
-                tail = f.read().strip().splitlines()[-1:]
-            raise RuntimeError(f"packed run {failed} of {runs} exited {codes[failed]}: {tail}")
+                last_line = (f.read().strip().splitlines() or [""])[-1]
+            raise RuntimeError(f"packed run {failed} of {runs} exited {codes[failed]}: {last_line}")
         histories = []
         for i in range(runs):
             with open(os.path.join(tmp, f"run{i}", "results.json")) as f:
